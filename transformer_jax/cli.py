@@ -1,0 +1,181 @@
+"""Command lines: flags -> config -> library calls. Bad input ends in one line and exit code 2.
+
+Every config field has a flag built from its dataclass metadata, so help and config stay in step.
+Precedence: preset, then --config file, then explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from transformer_jax import config as config_lib
+from transformer_jax.errors import UserError
+
+_CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
+            "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
+            "batching": config_lib.BATCHINGS}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_field_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (`d_model` -> `--d-model`); unset flags are absent."""
+    for title, fields in (("model", config_lib.MODEL_FIELDS), ("training", config_lib.TRAIN_FIELDS)):
+        group = parser.add_argument_group(f"{title} (override the preset and --config)")
+        for name, f in fields.items():
+            if not f.metadata.get("flag", True):
+                continue
+            kind = config_lib.FIELD_TYPES[name]
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            flag = "--" + name.replace("_", "-")
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=f.metadata["help"])
+            else:
+                group.add_argument(flag, type=base, choices=_CHOICES.get(name),
+                                   default=argparse.SUPPRESS, metavar=None if name in _CHOICES
+                                   else base.__name__.upper(), help=f.metadata["help"])
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: must hold a JSON object of config fields")
+    try:
+        config_lib.check_fields(data)
+    except ValueError as e:
+        raise UserError(f"--config {path}: {e}") from None
+    return data
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a character-level causal transformer; rerun to resume.")
+    p.add_argument("--data", help="UTF-8 text file or directory of .txt files "
+                   "(default: Shakespeare's plays, downloaded on first use)")
+    p.add_argument("--run-dir", default="runs/default",
+                   help="directory for checkpoints and metrics; resumed if it holds a run")
+    p.add_argument("--preset", default="default", choices=tuple(config_lib.PRESETS),
+                   help="starting configuration: lecture (the lecture's model), default, fast")
+    p.add_argument("--config", help="JSON file of config fields, applied over the preset")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in an existing run directory instead of resuming")
+    _add_field_flags(p)
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> config_lib.Config:
+    """Preset, then the --config file, then explicit flags."""
+    flags = {k: v for k, v in vars(args).items() if k in config_lib.FIELDS}
+    try:
+        config = config_lib.preset(args.preset)
+        if args.config:
+            config = config.replace(**_read_config_file(args.config))
+        return config.replace(**flags)
+    except ValueError as e:
+        name = str(e).split("=")[0].split()[-1]
+        flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
+        raise UserError(f"{flag}: {e}") from None
+
+
+def _train(argv: list[str] | None) -> None:
+    args = train_parser().parse_args(argv)
+    config = resolve_config(args)
+    from transformer_jax import corpus, data, run  # JAX imports only after the flags are good
+
+    path = args.data or corpus.prepare_default_corpus()
+    text = data.read_text(path)
+    import jax
+
+    print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
+    run.train(config, text, args.run_dir, fresh=args.fresh)
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sample.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Print text sampled from a trained run: the prompt, then its continuation.")
+    p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (empty: start symbol)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature; 0 is greedy (always the likeliest character)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the likeliest characters whose probability sums to p")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--num-samples", type=_positive_int, default=1, help="samples to print")
+    return p
+
+
+def _sample(argv: list[str] | None) -> None:
+    args = sample_parser().parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must not be negative")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} must not be negative")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k} must not be negative")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
+                            f"({e.__class__.__name__})") from None
+    from transformer_jax import run, sampling
+
+    config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
+    samples = sampling.complete(config, tokenizer, params, prompt,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                temperature=args.temperature,
+                                top_k=min(args.top_k, tokenizer.vocab_size), top_p=args.top_p,
+                                num_samples=args.num_samples, warn=_warn)
+    for i, sample in enumerate(samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(sample)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _main(body, argv: list[str] | None) -> None:
+    try:
+        body(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """Entry point of `train.py` / `transformer-jax-train`."""
+    _main(_train, argv)
+
+
+def sample_main(argv: list[str] | None = None) -> None:
+    """Entry point of `sample.py` / `transformer-jax-sample`."""
+    _main(_sample, argv)

@@ -1,0 +1,217 @@
+"""Frozen, validated configuration: the model's shape and the training recipe.
+
+Every field carries a one-line help text in its metadata; the command line builds one flag per
+field from it, and config files and checkpoints store the same fields as flat JSON objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+NORMS = ("post", "pre")
+POSITIONS = ("sinusoidal", "learned")
+DTYPES = ("float32", "bfloat16", "float64")
+BATCHINGS = ("random", "stream")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}={getattr(obj, name)} must be positive")
+
+
+def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ValueError(f"{name}={getattr(obj, name)!r} must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a causal transformer language model."""
+
+    vocab_size: int = _f(0, "vocabulary size (set from the tokenizer, not a flag)", flag=False)
+    d_model: int = _f(128, "model width: embedding and hidden-state size")
+    layers: int = _f(4, "number of transformer blocks")
+    heads: int = _f(4, "attention heads per block; must divide d_model")
+    d_ff: int = _f(512, "hidden size of each block's feed-forward layer")
+    activation: str = _f("gelu", f"feed-forward activation: {', '.join(ACTIVATIONS)}")
+    norm: str = _f("pre", "layer norm placement: post (lecture, Vaswani) or pre (GPT-2)")
+    positions: str = _f("learned", "position encoding: sinusoidal (Vaswani) or learned")
+    max_len: int = _f(256, "context window in tokens (size of the learned position table)")
+    tie_embeddings: bool = _f(True, "prediction layer shares the token embedding (logits = h E^T)")
+    dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches")
+    layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm")
+    dtype: str = _f("float32", "compute dtype; parameters stay float32: float32, bfloat16, float64")
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size={self.vocab_size} must be positive")
+        _positive(self, "d_model", "layers", "heads", "d_ff", "max_len", "layer_norm_eps")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        _one_of(self, "activation", ACTIVATIONS)
+        _one_of(self, "norm", NORMS)
+        _one_of(self, "positions", POSITIONS)
+        _one_of(self, "dtype", DTYPES)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Data batching, optimiser and bookkeeping of a training run."""
+
+    batching: str = _f("random", "random: nanoGPT windows; stream: the lecture's contiguous chunks")
+    seq_len: int = _f(256, "characters per training sequence")
+    batch_size: int = _f(16, "sequences per step (random batching) and per evaluation batch")
+    streams: int = _f(10, "stream batching: contiguous chunks of the text, one batch each")
+    steps: int | None = _f(None, "total optimiser steps of the run (resume continues up to it)")
+    epochs: int | None = _f(None, "stream batching: passes over the text (steps = epochs * streams)")
+    lr: float = _f(1e-3, "peak learning rate")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    weight_decay: float = _f(0.0, "decoupled weight decay (AdamW); 0 is plain Adam")
+    grad_clip: float = _f(0.0, "clip gradients to this global norm; 0 disables")
+    warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr")
+    decay_steps: int = _f(0, "cosine decay to min_lr ends at this step; 0 keeps lr constant")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
+    eval_every: int = _f(250, "evaluate on the validation split every N steps")
+    eval_batches: int = _f(0, "batches per evaluation during training; 0 = whole split")
+    save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
+    keep: int = _f(3, "checkpoints to keep")
+    steps_per_call: int = _f(50, "optimiser steps per compiled call (lax.scan)")
+    val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation")
+    seed: int = _f(0, "random seed for initialisation, batches and dropout")
+
+    def __post_init__(self) -> None:
+        _one_of(self, "batching", BATCHINGS)
+        _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
+                  "keep", "steps_per_call")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must not be negative")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.epochs is not None and self.batching != "stream":
+            raise ValueError("epochs applies to stream batching only; use steps")
+        for name in ("warmup_steps", "decay_steps", "eval_batches", "min_lr", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.decay_steps and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps")
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Tokens in one training row: stream rows carry start and end symbols."""
+        return self.seq_len + (2 if self.batching == "stream" else 1)
+
+    def total_steps(self) -> int:
+        """The run's total step count (epochs are whole passes of `streams` batches)."""
+        if self.epochs is not None:
+            return self.epochs * self.streams
+        return self.steps or 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: the model and how it is trained."""
+
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return cls(TransformerConfig(**data["model"]), TrainConfig(**data["train"]))
+
+    def replace(self, **flat: Any) -> Config:
+        """A copy with fields changed by their flat names (`d_model=`, `lr=`, ...), validated.
+
+        Setting one of `steps`/`epochs` clears the other; setting both at once is an error.
+        """
+        check_fields(flat)
+        if "steps" in flat and "epochs" in flat and None not in (flat["steps"], flat["epochs"]):
+            raise ValueError("give steps or epochs, not both")
+        if flat.get("steps") is not None:
+            flat.setdefault("epochs", None)
+        if flat.get("epochs") is not None:
+            flat.setdefault("steps", None)
+        model = {k: v for k, v in flat.items() if k in MODEL_FIELDS}
+        train = {k: v for k, v in flat.items() if k in TRAIN_FIELDS}
+        return Config(dataclasses.replace(self.model, **model),
+                      dataclasses.replace(self.train, **train))
+
+
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
+FIELD_TYPES = {**typing.get_type_hints(TransformerConfig), **typing.get_type_hints(TrainConfig)}
+
+
+def check_fields(flat: dict[str, Any]) -> None:
+    """Raise ValueError for an unknown field name or a value of the wrong JSON type."""
+    for name, value in flat.items():
+        if name not in FIELDS:
+            raise ValueError(f"unknown config field {name!r}")
+        expected = FIELD_TYPES[name]
+        allowed = typing.get_args(expected) or (expected,)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if int in allowed and isinstance(value, bool):
+            ok = False
+        else:
+            ok = isinstance(value, tuple(t for t in allowed if t is not type(None))) or (
+                value is None and type(None) in allowed)
+        if not ok:
+            names = "/".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"config field {name!r} must be {names}, got {value!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # What the lecture's Julia code builds: create_transformer(16, 6, heads=2) ignores its
+    # feedforwardsize argument and uses 4*d; createdata(text, 500, 10); Flux's Adam() at 1e-3.
+    "lecture": dict(d_model=16, layers=6, heads=2, d_ff=64, activation="relu", norm="post",
+                    positions="sinusoidal", tie_embeddings=True, max_len=501, dropout=0.0,
+                    batching="stream", seq_len=500, streams=10, epochs=20, lr=1e-3,
+                    eval_every=10, save_every=50),
+    # A stronger character model that trains on a 2-core CPU in about ten minutes.
+    "default": dict(d_model=128, layers=4, heads=4, d_ff=512, activation="gelu", norm="pre",
+                    positions="learned", max_len=256, dropout=0.0, batching="random",
+                    seq_len=256, batch_size=16, steps=3000, lr=2e-3, beta2=0.99,
+                    weight_decay=0.1, grad_clip=1.0, warmup_steps=100, decay_steps=3000,
+                    min_lr=2e-4, eval_every=250, eval_batches=50, save_every=500),
+    # The speed recipe: shallow and narrow at a high learning rate reaches a given loss soonest.
+    "fast": dict(d_model=96, layers=2, heads=4, d_ff=384, activation="gelu", norm="pre",
+                 positions="learned", max_len=64, dropout=0.0, batching="random", seq_len=64,
+                 batch_size=12, steps=1400, lr=6e-3, beta2=0.99, weight_decay=0.1,
+                 grad_clip=1.0, warmup_steps=50, decay_steps=1400, min_lr=6e-4,
+                 eval_every=100, eval_batches=20, save_every=1400),
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset (`lecture`, `default`, `fast`) as a Config with vocab_size unset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Config().replace(**PRESETS[name])

@@ -1,0 +1,208 @@
+"""Causal transformer in Flax linen: embedding, positions, L attention blocks, tied prediction.
+
+Shapes are in names: B batch, T sequence (this call), S cache length, D d_model, H heads,
+K head dim, F feed-forward size, V vocabulary.
+
+Decoding (`decode=True`, mutable "cache") appends the T tokens of the call to a key/value cache
+of length `max_len` at the current cache index, so a prompt is one call (prefill) and each new
+token one more. `init_cache` builds an empty cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from transformer_jax.config import TransformerConfig
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+}
+
+
+def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
+    """Vaswani et al.'s table: p[t, 2i] = sin(t / 10000^(2i/d)), p[t, 2i+1] = cos(same).
+
+    Returns:
+      float32 array (length, d_model).
+    """
+    t = np.arange(length, dtype=np.float64)[:, None]
+    two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]
+    angle = t / np.power(10000.0, two_i / d_model)
+    table = np.zeros((length, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    return table.astype(np.float32)
+
+
+def _dtype(config: TransformerConfig):
+    return jnp.dtype(config.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t sees positions <= t (and valid keys only)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, valid_BxT=None, *, offset=None, decode=False, train=False):
+        """Attend; with `decode`, write this call's keys/values into the cache at `offset`.
+
+        Args:
+          x_BxTxD: input hidden states.
+          valid_BxT: optional bool mask of real (non-pad) tokens; pad keys are never attended.
+          offset: int32 scalar, cache position of this call's first token (decode only).
+        Returns:
+          (B, T, D) output.
+        """
+        cfg = self.config
+        B, T, _ = x_BxTxD.shape
+        H, K = cfg.heads, cfg.head_dim
+        dense = lambda n, name: nn.Dense(n, dtype=_dtype(cfg), kernel_init=_INIT, name=name)
+        qkv_BxTx3D = dense(3 * cfg.d_model, "qkv")(x_BxTxD)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTx3D.reshape(B, T, 3 * H, K), 3, axis=2)
+        q_pos_T = jnp.arange(T)
+        if decode:
+            S = cfg.max_len
+            cached_k = self.variable("cache", "key", jnp.zeros, (B, S, H, K), k_BxTxHxK.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, (B, S, H, K), v_BxTxHxK.dtype)
+            at = (0, offset, 0, 0)
+            cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxHxK, at)
+            cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxHxK, at)
+            k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
+            q_pos_T = q_pos_T + offset
+            if valid_BxT is not None:
+                valid_BxT = jax.lax.dynamic_update_slice(
+                    jnp.ones((B, S), bool), valid_BxT, (0, offset))
+        else:
+            S, k_BxSxHxK, v_BxSxHxK = T, k_BxTxHxK, v_BxTxHxK
+        mask_BxTxS = (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
+        if valid_BxT is not None:
+            mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
+        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / np.sqrt(K)
+        # Softmax statistics in float32 whatever the compute dtype.
+        scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS.astype(jnp.float32),
+                                   jnp.finfo(jnp.float32).min)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
+        probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=not train)
+        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+        return dense(cfg.d_model, "out")(out_BxTxHxK.reshape(B, T, cfg.d_model))
+
+
+class FeedForward(nn.Module):
+    """Position-wise D -> F -> D with the configured activation."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        h_BxTxF = nn.Dense(cfg.d_ff, dtype=_dtype(cfg), kernel_init=_INIT, name="up")(x_BxTxD)
+        h_BxTxF = _ACTIVATIONS[cfg.activation](h_BxTxF)
+        return nn.Dense(cfg.d_model, dtype=_dtype(cfg), kernel_init=_INIT, name="down")(h_BxTxF)
+
+
+class Block(nn.Module):
+    """Attention and feed-forward, each a residual branch with layer norm after (post-LN, as in
+    the lecture and Vaswani et al.) or before (pre-LN, as in GPT-2)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, valid_BxT=None, *, offset=None, decode=False, train=False):
+        cfg = self.config
+        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name=name)
+        drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=not train)
+        attend = lambda y: CausalSelfAttention(cfg, name="attn")(
+            y, valid_BxT, offset=offset, decode=decode, train=train)
+        mlp = FeedForward(cfg, name="mlp")
+        if cfg.norm == "pre":
+            x_BxTxD = x_BxTxD + drop(attend(norm("ln1")(x_BxTxD)))
+            return x_BxTxD + drop(mlp(norm("ln2")(x_BxTxD)))
+        x_BxTxD = norm("ln1")(x_BxTxD + drop(attend(x_BxTxD)))
+        return norm("ln2")(x_BxTxD + drop(mlp(x_BxTxD)))
+
+
+class Trunk(nn.Module):
+    """Positions, the L blocks and (pre-LN) the final layer norm: (B, T, D) -> (B, T, D).
+
+    Shared by every head: the token language model here, real-valued heads elsewhere.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, valid_BxT=None, *, decode=False, train=False):
+        cfg = self.config
+        T = x_BxTxD.shape[1]
+        offset = None
+        if decode:
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            offset = index.value
+            index.value = offset + T
+        pos_T = jnp.arange(T) + (0 if offset is None else offset)
+        if cfg.positions == "learned":
+            table = self.param("positions", _INIT, (cfg.max_len, cfg.d_model))
+        else:
+            table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
+        x_BxTxD = (x_BxTxD + jnp.take(table, pos_T, axis=0)[None]).astype(_dtype(cfg))
+        x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=not train)
+        for i in range(cfg.layers):
+            x_BxTxD = Block(cfg, name=f"block_{i}")(
+                x_BxTxD, valid_BxT, offset=offset, decode=decode, train=train)
+        if cfg.norm == "pre":
+            x_BxTxD = nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name="ln_f")(x_BxTxD)
+        return x_BxTxD
+
+
+class Transformer(nn.Module):
+    """Causal language model: token ids (B, T) -> float32 logits (B, T, V)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, ids_BxT, valid_BxT=None, *, decode=False, train=False):
+        """Next-token logits.
+
+        Args:
+          ids_BxT: int token ids.
+          valid_BxT: optional bool mask, False at padding (those keys are never attended).
+          decode: append to the key/value cache (apply with mutable=["cache"]).
+          train: enable dropout (needs a "dropout" rng).
+        Returns:
+          float32 logits (B, T, V).
+        """
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_INIT, name="embed")
+        x_BxTxD = embed(ids_BxT)
+        h_BxTxD = Trunk(cfg, name="trunk")(x_BxTxD, valid_BxT, decode=decode, train=train)
+        if cfg.tie_embeddings:
+            logits_BxTxV = h_BxTxD.astype(_dtype(cfg)) @ embed.embedding.astype(_dtype(cfg)).T
+        else:
+            logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=_dtype(cfg), kernel_init=_INIT,
+                                    name="head")(h_BxTxD)
+        return logits_BxTxV.astype(jnp.float32)
+
+
+def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
+    """Freshly initialised parameters, compiled (linen's eager init is slow)."""
+    ids = jnp.zeros((1, config.max_len), jnp.int32)
+    return jax.jit(Transformer(config).init)(rng, ids)["params"]
+
+
+def init_cache(config: TransformerConfig, batch_size: int) -> dict:
+    """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""
+    ids = jnp.zeros((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: Transformer(config).init(jax.random.key(0), ids, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

@@ -1,0 +1,191 @@
+"""A training run: start or resume in a run directory, train with progress, evaluate, save.
+
+    RUN_DIR/checkpoints/     orbax steps (see checkpoint.py)
+    RUN_DIR/metrics.jsonl    one JSON object per log point
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from transformer_jax import data, training
+from transformer_jax.checkpoint import RunCheckpoints
+from transformer_jax.config import Config, TransformerConfig
+from transformer_jax.errors import UserError
+from transformer_jax.model import Transformer, count_params, init_params
+from transformer_jax.tokenizer import CharTokenizer
+
+# Fields that fix what a checkpoint's parameters and data order mean: they must not change on
+# resume. Everything else (learning rate, step count, intervals, dropout) may.
+FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
+                   "positions", "max_len", "tie_embeddings", "layer_norm_eps", "batching",
+                   "seq_len", "batch_size", "streams", "val_fraction", "seed")
+
+
+def _flat(config: Config) -> dict[str, Any]:
+    return {**asdict(config.model), **asdict(config.train)}
+
+
+def check_resumable(saved: Config, wanted: Config, saved_tok: dict, wanted_tok: dict,
+                    where: str) -> None:
+    """Raise UserError naming the first field (or the vocabulary) that differs."""
+    a, b = _flat(saved), _flat(wanted)
+    for name in FIXED_ON_RESUME:
+        if a[name] != b[name]:
+            raise UserError(f"{where} was trained with {name}={a[name]!r}, not {b[name]!r}; "
+                            "use the same setting, another --run-dir, or --fresh")
+    if saved_tok != wanted_tok:
+        raise UserError(f"{where} was trained on a corpus with another vocabulary; use the same "
+                        "--data, another --run-dir, or --fresh")
+
+
+def load_for_sampling(run_dir: str | Path) -> tuple[Config, CharTokenizer, Any, int]:
+    """(config, tokenizer, params, step) of the newest checkpoint in `run_dir`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"run directory {run_dir} holds no checkpoint; train one with "
+                        f"`python train.py --run-dir {run_dir}`")
+    ckpt = RunCheckpoints(run_dir, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
+    meta = ckpt.meta(step)
+    config = Config.from_dict(meta["config"])
+    tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+    shapes = jax.eval_shape(lambda: init_params(config.model, jax.random.PRNGKey(0)))
+    params = ckpt.restore_params(step, shapes)
+    ckpt.close()
+    return config, tokenizer, params, step
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
+          fresh: bool = False, devices=None, quiet: bool = False) -> dict:
+    """Train `config` on `text` in `run_dir`, resuming from its newest checkpoint.
+
+    `config.model.vocab_size` is set from the tokenizer (built from `text` unless given).
+    Returns the final metrics {"step", "val_loss", "val_bpc", ...}.
+    """
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    run_dir = Path(run_dir)
+    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    config = config.replace(vocab_size=tokenizer.vocab_size)
+    cfg, tcfg = config.model, config.train
+    if tcfg.tokens_per_sequence - 1 > cfg.max_len:
+        raise UserError(f"--seq-len {tcfg.seq_len} gives {tcfg.tokens_per_sequence - 1} input "
+                        f"tokens per row, more than --max-len {cfg.max_len}; raise --max-len")
+    total_steps = tcfg.total_steps()
+    if total_steps <= 0:
+        raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
+
+    mesh = training.data_mesh(devices)
+    n_dev = mesh.devices.size
+    train_text, val_text = data.split_text(text, tcfg.val_fraction)
+    batches = data.train_batches(tokenizer, train_text, tcfg, row_multiple=n_dev)
+    val_rows = data.eval_rows(tokenizer, val_text, tcfg)
+    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
+    val_rows = data.pad_rows(val_rows, eval_batch, tokenizer.pad_id).reshape(
+        -1, eval_batch, batches.row_len)
+
+    model = Transformer(cfg)
+    tx = training.optimizer(tcfg)
+    replicated = NamedSharding(mesh, P())
+    make_state = lambda: training.init_state(init_params(cfg, jax.random.PRNGKey(tcfg.seed)), tcfg)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            jax.eval_shape(make_state))
+
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _check_writable(run_dir)
+    ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
+    meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
+    start = ckpt.latest_step()
+    if start is not None:
+        saved = ckpt.meta(start)
+        check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
+                        meta["tokenizer"], f"run directory {run_dir}")
+        state = ckpt.restore(start, abstract)
+        say(f"resuming from step {start}")
+    else:
+        state = jax.jit(make_state, out_shardings=replicated)()
+        start = 0
+    if start >= total_steps:
+        say(f"nothing to do: run directory {run_dir} is already at step {start} "
+            f"of {total_steps}; give a larger --steps to continue")
+        ckpt.close()
+        return {"step": start}
+
+    say(json.dumps(config.to_dict()))
+    say(f"parameters: {count_params(state.params):,}  devices: {n_dev} x "
+        f"{mesh.devices.flat[0].platform}  tokens/step: {batches.batch_size * (batches.row_len - 1):,}")
+    chunk_fn = training.compile_train_chunk(mesh, training.lm_loss(model, tokenizer.pad_id), tx,
+                                            batches.row_len)
+    eval_fn = training.compile_evaluate(mesh, model, tokenizer.pad_id)
+    source = jax.device_put(batches.source, replicated)
+    val_all = jax.device_put(val_rows, NamedSharding(mesh, P(None, "data", None)))
+    val_some = val_all[:tcfg.eval_batches] if tcfg.eval_batches else val_all
+    schedule = training.learning_rate(tcfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    tokens_per_step = batches.batch_size * (batches.row_len - 1)
+
+    step, t0, last = start, time.perf_counter(), {}
+    bar = tqdm(total=total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True,
+               file=sys.stdout)
+    try:
+        while step < total_steps:
+            n = min(tcfg.steps_per_call, total_steps - step,
+                    tcfg.eval_every - step % tcfg.eval_every,
+                    tcfg.save_every - step % tcfg.save_every)
+            tick = time.perf_counter()
+            state, out = chunk_fn(state, source, jnp.asarray(batches.starts(step, n)))
+            losses = np.asarray(out["loss"])
+            step += n
+            tok_s = n * tokens_per_step / (time.perf_counter() - tick)
+            bar.update(n)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
+            last = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
+                    "lr": float(schedule(step - 1)), "wall_time": time.perf_counter() - t0}
+            if step % tcfg.eval_every == 0 or step == total_steps:
+                ev = training.evaluate(eval_fn, state.params,
+                                       val_all if step == total_steps else val_some)
+                last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
+                bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
+                          f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
+            _log(metrics_path, last)
+            if step % tcfg.save_every == 0 or step == total_steps:
+                ckpt.save(step, state, {**meta, "data_position": step})
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+    say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
+    say(f"sample with: python sample.py --run-dir {run_dir} --prompt \"...\"")
+    return last
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} is not writable ({e.strerror}); "
+                        "choose another --run-dir") from None

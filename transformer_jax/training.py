@@ -1,0 +1,168 @@
+"""Loss, evaluation, the data-parallel train step and the compiled multi-step chunk.
+
+Data parallelism is written the way JAX recommends in place of `jax.pmap`: one `jax.jit` over
+global arrays, the batch sharded along the `data` axis of a device mesh and the state
+replicated. XLA splits the computation per device and inserts the all-reduce that averages the
+gradients, which a pmap'd step spells `lax.pmean(grads, "data")`. One device is the same code
+with a mesh of one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from transformer_jax.config import TrainConfig
+from transformer_jax.data import gather
+
+LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, batch, rng) -> loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes, plus the base key that dropout keys are folded from."""
+
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 (2,) raw key, so checkpoints hold it as a plain array
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh named `data` over `devices` (default: all devices).
+
+    Auto axis type: the global-view step lets XLA place the collectives (the Explicit default
+    of `jax.make_mesh` would demand sharding annotations on every embedding lookup).
+    """
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `decay_steps` (or constant)."""
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    if cfg.decay_steps:
+        after = optax.cosine_decay_schedule(cfg.lr, cfg.decay_steps - cfg.warmup_steps,
+                                            alpha=cfg.min_lr / cfg.lr)
+    else:
+        after = optax.constant_schedule(cfg.lr)
+    if not cfg.warmup_steps:
+        return after
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (inf when off, so the state's structure never depends on it), then
+    Adam with decoupled weight decay (plain Adam at weight_decay 0)."""
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(learning_rate(cfg), cfg.beta1, cfg.beta2, eps=1e-8,
+                    weight_decay=cfg.weight_decay),
+    )
+
+
+def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over non-pad targets, and how many there are.
+
+    Returns:
+      (loss_sum, count), float32 scalars.
+    """
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    mask_BxT = targets_BxT != pad_id
+    return jnp.sum(jnp.where(mask_BxT, nll_BxT, 0.0)), jnp.sum(mask_BxT).astype(jnp.float32)
+
+
+def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True) -> LossFn:
+    """The lecture's loss: mean cross-entropy of each next token given the ones before.
+
+    The returned function maps (params, rows_BxS, rng) to a scalar: rows are input and target
+    at once (inputs rows[:, :-1], targets rows[:, 1:]); pad targets are ignored and pad inputs
+    are never attended.
+    """
+
+    def loss(params, rows_BxS, rng):
+        inputs_BxT, targets_BxT = rows_BxS[:, :-1], rows_BxS[:, 1:]
+        logits = model.apply({"params": params}, inputs_BxT, inputs_BxT != pad_id,
+                             train=train, rngs={"dropout": rng})
+        total, count = token_losses(logits, targets_BxT, pad_id)
+        return total / jnp.maximum(count, 1.0)
+
+    return loss
+
+
+def init_state(params: Any, cfg: TrainConfig) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer(cfg).init(params),
+                      rng=jax.random.PRNGKey(cfg.seed + 1))
+
+
+def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimiser step on one batch. Pure; jit it with the batch sharded over `data`.
+
+    Returns:
+      the new state and metrics {"loss", "grad_norm"} (float32 scalars).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, rows_BxS, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int):
+    """A jit-compiled function running len(starts) steps in one call (`lax.scan`).
+
+    (state, source_N, starts_KxB) -> (state, metrics of shape (K,)). The batches are gathered
+    on device from the replicated token array; their rows are split across the mesh. The old
+    state is donated, so parameters are updated in place.
+    """
+    replicated = NamedSharding(mesh, P())
+    rows_sharding = NamedSharding(mesh, P("data", None))
+    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+
+    def chunk(state, source_N, starts_KxB):
+        def body(state, starts_B):
+            rows_BxS = jax.lax.with_sharding_constraint(
+                gather(source_N, starts_B, row_len), rows_sharding)
+            return step(state, rows_BxS)
+
+        return jax.lax.scan(body, state, starts_KxB)
+
+    return jax.jit(chunk, in_shardings=(replicated, replicated, NamedSharding(mesh, P(None, "data"))),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def compile_evaluate(mesh, model: flax.linen.Module, pad_id: int):
+    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows."""
+    rows_sharding = NamedSharding(mesh, P(None, "data", None))
+
+    def evaluate(params, rows_NxBxS):
+        def batch_sums(rows_BxS):
+            inputs, targets = rows_BxS[:, :-1], rows_BxS[:, 1:]
+            logits = model.apply({"params": params}, inputs, inputs != pad_id)
+            return token_losses(logits, targets, pad_id)
+
+        sums, counts = jax.lax.map(batch_sums, rows_NxBxS.astype(jnp.int32))
+        return jnp.sum(sums), jnp.sum(counts)
+
+    return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), rows_sharding))
+
+
+def evaluate(evaluate_fn, params, rows_NxBxS) -> dict:
+    """The lecture's `totalavgloss` (summed token loss over token count) and bits per token."""
+    total, count = evaluate_fn(params, rows_NxBxS)
+    loss = float(total) / max(float(count), 1.0)
+    return {"loss": loss, "bpc": loss / np.log(2.0)}
