@@ -89,6 +89,8 @@ class TrainConfig:
     min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
     eval_every: int = _f(250, "evaluate on the validation split every N steps")
     eval_batches: int = _f(0, "batches per evaluation during training; 0 = whole split")
+    target_loss: float | None = _f(None, "stop early once the whole validation split's loss "
+                                   "is at most this (checked when an evaluation reaches it)")
     save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
     keep: int = _f(3, "checkpoints to keep")
     steps_per_call: int = _f(50, "optimiser steps per compiled call (lax.scan)")

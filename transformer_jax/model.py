@@ -206,3 +206,17 @@ def init_cache(config: TransformerConfig, batch_size: int) -> dict:
 
 def count_params(params) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 (N + d V) + 12 L T d.
+
+    N counts non-embedding parameters, d V is the output projection (paid even when tied) and
+    12 L T d the attention scores and weighted sums (PaLM's convention plus the head).
+    """
+    d, L = config.d_model, config.layers
+    per_layer = 3 * d * d + 3 * d + d * d + d + 2 * d * config.d_ff + config.d_ff + d + 4 * d
+    n = L * per_layer + (2 * d if config.norm == "pre" else 0)
+    if not config.tie_embeddings:
+        n += config.vocab_size  # the untied head's bias; its weights are the d V term
+    return 6.0 * (n + d * config.vocab_size) + 12.0 * L * seq_len * d

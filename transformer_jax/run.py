@@ -145,6 +145,7 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     metrics_path = run_dir / "metrics.jsonl"
     tokens_per_step = batches.batch_size * (batches.row_len - 1)
 
+    target = tcfg.target_loss
     step, t0, last = start, time.perf_counter(), {}
     bar = tqdm(total=total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True,
                file=sys.stdout)
@@ -162,15 +163,22 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
             last = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
                     "lr": float(schedule(step - 1)), "wall_time": time.perf_counter() - t0}
+            reached = False
             if step % tcfg.eval_every == 0 or step == total_steps:
                 ev = training.evaluate(eval_fn, state.params,
                                        val_all if step == total_steps else val_some)
+                if target is not None and ev["loss"] <= target and step < total_steps:
+                    ev = training.evaluate(eval_fn, state.params, val_all)  # confirm on all
+                    reached = ev["loss"] <= target
                 last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
                 bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
                           f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
             _log(metrics_path, last)
-            if step % tcfg.save_every == 0 or step == total_steps:
+            if step % tcfg.save_every == 0 or step == total_steps or reached:
                 ckpt.save(step, state, {**meta, "data_position": step})
+            if reached:
+                bar.write(f"validation loss {last['val_loss']:.4f} reached the target {target}")
+                break
     finally:
         bar.close()
         ckpt.wait()

@@ -1,0 +1,49 @@
+"""Shared by the benchmark scripts: CPU device set-up, matmul peak, result line."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def use_cpu_cores(n: int | None = None) -> int:
+    """One XLA host device per core (call before JAX starts); returns the count."""
+    n = n or len(os.sched_getaffinity(0))
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
+def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """Best FLOP/s of an n^3 matmul: the larger of numpy's and JAX's over all devices."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    rates = []
+    if dtype == "float32":
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        rates.append(2 * n**3 / best(lambda: a @ a))
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.device_put(jnp.ones((len(devices), n, n), dtype), NamedSharding(mesh, P("d")))
+    mm = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
+    rates.append(len(devices) * 2 * n**3 / best(lambda: mm(x).block_until_ready()))
+    return max(rates)
+
+
+def report(**figures) -> None:
+    """The last line of every benchmark: key=value pairs."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in figures.items()), flush=True)

@@ -1,0 +1,62 @@
+"""Whole-process wall time for the `fast` preset to reach a validation loss.
+
+    python benchmarks/time_to_loss.py --data ../shared/data/tinyshakespeare.txt --target 1.886
+
+Each repeat runs `train.py --preset fast --target-loss T` in a fresh process with its own seed
+and times the process from launch to exit (imports, compilation and evaluation included). The
+reported loss is the run's last evaluation over the whole validation split (every
+non-overlapping window of its last 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_run(data: str, target: float, seed: int, extra: list[str]) -> tuple[float, int, float]:
+    """(seconds, steps, val_loss) of one whole training process."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "fast", "--data", data,
+               "--run-dir", run_dir, "--seed", str(seed), "--target-loss", str(target), *extra]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"train.py failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").open()]
+    last = [r for r in records if "val_loss" in r][-1]
+    return seconds, last["step"], last["val_loss"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="text corpus (tinyshakespeare)")
+    p.add_argument("--target", type=float, default=1.886, help="validation loss to reach")
+    p.add_argument("--repeats", type=int, default=1, help="runs with seeds 0..n-1; median")
+    p.add_argument("extra", nargs="*", help="more train.py flags, after --")
+    args = p.parse_args()
+    runs = []
+    for seed in range(args.repeats):
+        seconds, steps, val = one_run(args.data, args.target, seed, args.extra)
+        print(f"seed {seed}: {seconds:.2f} s, {steps} steps, val loss {val:.4f}", flush=True)
+        runs.append((seconds, steps, val))
+    seconds, steps, val = sorted(runs)[len(runs) // 2]  # the median run by time
+    common.report(seconds=round(seconds, 2), steps=steps, val_loss=round(val, 4),
+                  reached=all(v <= args.target for _, _, v in runs),
+                  max_seconds=round(max(r[0] for r in runs), 2))
+
+
+if __name__ == "__main__":
+    main()
