@@ -348,3 +348,22 @@ def test_init_cache_is_empty_and_shaped_batch_by_max_len():
     assert int(cache["trunk"]["index"]) == 0
     k = cache["trunk"]["block_0"]["attn"]["key"]
     assert k.shape == (3, cfg.max_len, 4, 4) and not np.asarray(k).any()
+
+
+def test_decode_steps_never_attend_pad_keys_written_by_an_earlier_call():
+    """'pad keys are never attended' must survive the cache: a pad in the prefill stays masked
+    when the next token is decoded, as in the full forward pass with the same mask."""
+    cfg = tiny_config()
+    params = random_params(cfg, seed=13)
+    ids = _ids(cfg, 2, 6)
+    valid = np.ones((2, 6), bool)
+    valid[:, 1] = False
+    full = _logits(cfg, params, ids, valid)
+    model = Transformer(cfg)
+    step = jax.jit(lambda cache, ids, valid: model.apply(
+        {"params": params, "cache": cache}, ids, valid, decode=True, mutable=["cache"]))
+    logits, vars_ = step(init_cache(cfg, 2), jnp.asarray(ids[:, :5]), jnp.asarray(valid[:, :5]))
+    np.testing.assert_allclose(np.asarray(logits)[valid[:, :5]], full[:, :5][valid[:, :5]],
+                               atol=1e-5, rtol=1e-5)
+    logits, _ = step(vars_["cache"], jnp.asarray(ids[:, 5:]), jnp.asarray(valid[:, 5:]))
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)

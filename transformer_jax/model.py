@@ -77,9 +77,13 @@ class CausalSelfAttention(nn.Module):
             cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxHxK, at)
             k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
             q_pos_T = q_pos_T + offset
+            # Pads are cached too (as "pad", so init_cache's zeros mean "all valid"): a pad
+            # written by an earlier call stays unattended.
+            cached_pad = self.variable("cache", "pad", jnp.zeros, (B, S), bool)
             if valid_BxT is not None:
-                valid_BxT = jax.lax.dynamic_update_slice(
-                    jnp.ones((B, S), bool), valid_BxT, (0, offset))
+                cached_pad.value = jax.lax.dynamic_update_slice(
+                    cached_pad.value, ~valid_BxT.astype(bool), (0, offset))
+            valid_BxT = ~cached_pad.value
         else:
             S, k_BxSxHxK, v_BxSxHxK = T, k_BxTxHxK, v_BxTxHxK
         mask_BxTxS = (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
@@ -141,6 +145,8 @@ class Trunk(nn.Module):
     def __call__(self, x_BxTxD, valid_BxT=None, *, decode=False, train=False):
         cfg = self.config
         T = x_BxTxD.shape[1]
+        if T > cfg.max_len:
+            raise ValueError(f"{T} tokens exceed the context window max_len={cfg.max_len}")
         offset = None
         if decode:
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))

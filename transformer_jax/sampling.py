@@ -32,8 +32,8 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
     mass_before_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1) - jax.nn.softmax(
         sorted_BxV, axis=-1)
     # Keep each token whose predecessors' mass is still below top_p (the first always).
-    cutoff_Bx1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1,
-                         keepdims=True)
+    keep_BxV = (mass_before_BxV < top_p) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
     sampled_B = jax.random.categorical(rng, logits_BxV, axis=-1)
     return jnp.where(temperature == 0, greedy_B, sampled_B)
@@ -104,7 +104,7 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
     if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 0:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1, num_samples >= 1 and "
                          "max_new_tokens >= 0")
-    if len(prompt) >= W:
+    if len(prompt) > W:
         prompt = prompt[-max(W // 2, 1):]
     context = np.zeros((num_samples, W), np.int32)
     context[:, :len(prompt)] = prompt
