@@ -7,6 +7,7 @@ must end in exit code 2 and a single `error: ...` line on stderr, never a traceb
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from transformer_jax import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
+# --cpu-devices 2 pins the data-parallel split, so batch size 4 divides it on any machine.
 TINY = ["--preset", "fast", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
-        "--seq-len", "16", "--max-len", "16", "--batch-size", "4"]
+        "--seq-len", "16", "--max-len", "16", "--batch-size", "4", "--cpu-devices", "2"]
 
 CORPUS = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to "
           "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "
@@ -143,6 +145,19 @@ def test_fresh_restarts_from_step_zero(trained, tmp_path, corpus):
     assert [r["step"] for r in records] == [10]
 
 
+def test_default_cpu_devices_accept_a_batch_size_the_core_count_does_not_divide(tmp_path,
+                                                                               corpus):
+    """Without --cpu-devices the batch is split over the cores; a batch size they do not
+    divide (cores + 1) must still train instead of failing on this machine's core count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args = list(TINY[:-2])  # no --cpu-devices
+    args[args.index("--batch-size") + 1] = str(cores + 1)
+    proc = run_script("train.py", *args, "--steps", "2", "--eval-every", "2", "--data", corpus,
+                      "--run-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert _steps_in(tmp_path / "run") == [2]
+
+
 # --- bad input: exit 2, one line ---------------------------------------------------------------
 
 
@@ -192,8 +207,8 @@ def test_sample_without_checkpoint(tmp_path, make_checkpoints_dir):
 def test_resume_with_a_contradicting_model_flag(trained, tmp_path, corpus):
     run_dir = tmp_path / "copy"
     shutil.copytree(trained[0], run_dir)
-    args = [a if a != "16" or TINY[i - 1] != "--d-model" else "32" for i, a in enumerate(TINY)]
-    assert args[args.index("--d-model") + 1] == "32"
+    args = list(TINY)
+    args[args.index("--d-model") + 1] = "32"
     proc = run_script("train.py", *args, "--steps", "40", "--data", corpus,
                       "--run-dir", run_dir)
     assert_user_error(proc, "d_model", "16", "32")

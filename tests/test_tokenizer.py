@@ -210,3 +210,13 @@ def test_property_vocabulary_of_any_corpus_round_trips_it_and_maps_rest_to_unkno
     assert tok.decode(tok.encode(corpus)) == corpus
     expected = [tok.chars.index(c) if c in tok.chars else tok.unknown_id for c in other]
     np.testing.assert_array_equal(tok.encode(other), np.asarray(expected, tok.id_dtype))
+
+
+def test_free_specials_swaps_only_the_symbols_the_text_uses():
+    from transformer_jax.tokenizer import free_specials
+
+    assert free_specials("plain text") == DEFAULT_SPECIALS
+    start, end, unknown, pad = free_specials("αβγ δέκα")
+    assert (end, unknown) == ("Ω", "Ξ") and start not in "αβγ δέκα" and pad not in "αβγ δέκα"
+    tok = CharTokenizer.from_text("αβγ δέκα", (start, end, unknown, pad))
+    assert tok.decode(tok.encode("αβγ δέκα")) == "αβγ δέκα"

@@ -79,15 +79,24 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of config fields, applied over the preset")
     p.add_argument("--fresh", action="store_true",
                    help="start over in an existing run directory instead of resuming")
-    p.add_argument("--cpu-devices", type=_positive_int, default=_cpu_cores(),
-                   help="on CPU, XLA host devices to split each batch across (one per core "
-                   "runs fastest); ignored on GPU/TPU")
+    p.add_argument("--cpu-devices", type=_positive_int, default=None,
+                   help="on CPU, XLA host devices to split each batch across (default: as many "
+                   "as there are cores, less if needed to divide --batch-size); ignored on "
+                   "GPU/TPU")
     _add_field_flags(p)
     return p
 
 
 def _cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _default_cpu_devices(config: config_lib.Config) -> int:
+    """One device per core, fewer where the cores do not divide a random batch."""
+    cores = _cpu_cores()
+    if config.train.batching == "stream":  # stream rows are padded to any device count
+        return cores
+    return max(d for d in range(1, cores + 1) if config.train.batch_size % d == 0)
 
 
 def use_cpu_devices(n: int) -> None:
@@ -115,7 +124,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
 def _train(argv: list[str] | None) -> None:
     args = train_parser().parse_args(argv)
     config = resolve_config(args)
-    use_cpu_devices(args.cpu_devices)
+    use_cpu_devices(args.cpu_devices or _default_cpu_devices(config))
     from transformer_jax import corpus, data, run  # JAX imports only after the flags are good
 
     path = args.data or corpus.prepare_default_corpus()
@@ -147,6 +156,10 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def _sample(argv: list[str] | None) -> None:
     args = sample_parser().parse_args(argv)
+    import logging
+
+    # orbax logs absl warnings when it opens a checkpoint read-only; they are not for users.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must not be negative")
     if args.temperature < 0:

@@ -108,7 +108,8 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         if self.epochs is not None and self.batching != "stream":
-            raise ValueError("epochs applies to stream batching only; use steps")
+            raise ValueError(f"epochs={self.epochs} applies to stream batching only "
+                             f"(batching={self.batching!r}); use steps")
         for name in ("warmup_steps", "decay_steps", "eval_batches", "min_lr", "weight_decay",
                      "grad_clip"):
             if getattr(self, name) < 0:

@@ -131,13 +131,16 @@ def eval_rows(tokenizer: CharTokenizer, text: str, cfg: TrainConfig) -> np.ndarr
         rows = stream_rows(tokenizer, text, cfg.seq_len, 1)[0]
         return rows
     ids = tokenizer.encode(text)
-    n = (len(ids) - 1) // cfg.seq_len
-    if n < 1:
+    if len(ids) < cfg.tokens_per_sequence:
         raise UserError(f"the validation text ({len(text)} characters) is shorter than one "
                         f"sequence ({cfg.tokens_per_sequence}); lower --seq-len or "
                         "raise --val-fraction")
+    # ceil: the last window holds the tail, padded (pad targets are ignored).
+    n = -(-(len(ids) - 1) // cfg.seq_len)
+    padded = np.full(n * cfg.seq_len + 1, tokenizer.pad_id, dtype=ids.dtype)
+    padded[:len(ids)] = ids
     starts = np.arange(n) * cfg.seq_len
-    return ids[starts[:, None] + np.arange(cfg.tokens_per_sequence)]
+    return padded[starts[:, None] + np.arange(cfg.tokens_per_sequence)]
 
 
 def pad_rows(rows: np.ndarray, multiple: int, pad_id: int) -> np.ndarray:

@@ -90,9 +90,10 @@ class CausalSelfAttention(nn.Module):
         if valid_BxT is not None:
             mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / np.sqrt(K)
-        # Softmax statistics in float32 whatever the compute dtype.
-        scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS.astype(jnp.float32),
-                                   jnp.finfo(jnp.float32).min)
+        # Softmax statistics in (at least) float32 whatever the compute dtype.
+        stats = jnp.promote_types(scores_BxHxTxS.dtype, jnp.float32)
+        scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS.astype(stats),
+                                   jnp.finfo(stats).min)
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
         probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=not train)
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
         else:
             logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=_dtype(cfg), kernel_init=_INIT,
                                     name="head")(h_BxTxD)
-        return logits_BxTxV.astype(jnp.float32)
+        return logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
 
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> dict:

@@ -25,7 +25,7 @@ from transformer_jax.checkpoint import RunCheckpoints
 from transformer_jax.config import Config, TransformerConfig
 from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, count_params, init_params
-from transformer_jax.tokenizer import CharTokenizer
+from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
 
 # Fields that fix what a checkpoint's parameters and data order mean: they must not change on
 # resume. Everything else (learning rate, step count, intervals, dropout) may.
@@ -58,16 +58,17 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, CharTokenizer, Any, 
         raise UserError(f"run directory {run_dir} holds no checkpoint; train one with "
                         f"`python train.py --run-dir {run_dir}`")
     ckpt = RunCheckpoints(run_dir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
-    meta = ckpt.meta(step)
-    config = Config.from_dict(meta["config"])
-    tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-    shapes = jax.eval_shape(lambda: init_params(config.model, jax.random.PRNGKey(0)))
-    params = ckpt.restore_params(step, shapes)
-    ckpt.close()
-    return config, tokenizer, params, step
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
+        meta = ckpt.meta(step)
+        config = Config.from_dict(meta["config"])
+        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        shapes = jax.eval_shape(lambda: init_params(config.model, jax.random.PRNGKey(0)))
+        return config, tokenizer, ckpt.restore_params(step, shapes), step
+    finally:
+        ckpt.close()
 
 
 def _log(path: Path, record: dict) -> None:
@@ -84,7 +85,12 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     """
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     run_dir = Path(run_dir)
-    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    if tokenizer is None:
+        specials = free_specials(text)
+        if specials != DEFAULT_SPECIALS:
+            say(f"the corpus uses some of the default special symbols {DEFAULT_SPECIALS}; "
+                f"start, end, unknown and pad are {specials} instead")
+        tokenizer = CharTokenizer.from_text(text, specials)
     config = config.replace(vocab_size=tokenizer.vocab_size)
     cfg, tcfg = config.model, config.train
     if tcfg.tokens_per_sequence - 1 > cfg.max_len:
@@ -118,10 +124,14 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
     start = ckpt.latest_step()
     if start is not None:
-        saved = ckpt.meta(start)
-        check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
-                        meta["tokenizer"], f"run directory {run_dir}")
-        state = ckpt.restore(start, abstract)
+        try:
+            saved = ckpt.meta(start)
+            check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
+                            meta["tokenizer"], f"run directory {run_dir}")
+            state = ckpt.restore(start, abstract)
+        except UserError:
+            ckpt.close()
+            raise
         say(f"resuming from step {start}")
     else:
         state = jax.jit(make_state, out_shardings=replicated)()
@@ -171,8 +181,9 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                     ev = training.evaluate(eval_fn, state.params, val_all)  # confirm on all
                     reached = ev["loss"] <= target
                 last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
-                bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
-                          f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
+                if not quiet:
+                    bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
+                              f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
             _log(metrics_path, last)
             if step % tcfg.save_every == 0 or step == total_steps or reached:
                 ckpt.save(step, state, {**meta, "data_position": step})

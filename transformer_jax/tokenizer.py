@@ -126,6 +126,15 @@ class CharTokenizer:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def free_specials(text: str, preferred: tuple[str, str, str, str] = DEFAULT_SPECIALS
+                  ) -> tuple[str, str, str, str]:
+    """`preferred`, with each symbol that occurs in `text` (α and δ in Greek, say) swapped for
+    an unused character of Unicode's private use area, which no real text needs."""
+    used = set(text)
+    spare = (chr(p) for p in range(0xE000, 0xF900) if chr(p) not in used)
+    return tuple(s if s not in used else next(spare) for s in preferred)
+
+
 def _code_point_chunks(text: str, chunk: int = 1 << 22):
     """Unicode code points of `text` as uint32 arrays of at most `chunk` characters.
 

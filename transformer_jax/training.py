@@ -77,10 +77,12 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int
     Returns:
       (loss_sum, count), float32 scalars.
     """
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    logits_BxTxV = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
     mask_BxT = targets_BxT != pad_id
-    return jnp.sum(jnp.where(mask_BxT, nll_BxT, 0.0)), jnp.sum(mask_BxT).astype(jnp.float32)
+    return (jnp.sum(jnp.where(mask_BxT, nll_BxT, 0.0)),
+            jnp.sum(mask_BxT).astype(logp_BxTxV.dtype))
 
 
 def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True) -> LossFn:
@@ -119,7 +121,7 @@ def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int):
