@@ -115,7 +115,8 @@ def main() -> None:
 
     @jax.jit
     def ref_step(params, opt_state, rows, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rows, rng)
+        (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rows, rng)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -94,14 +94,14 @@ def test_lm_loss_is_mean_cross_entropy_over_non_pad_next_tokens():
     rows = rng.integers(0, V - 2, size=(3, 12))
     rows[0, 7:] = pad  # a stream-style row ending in padding
     rows[2, 1:] = pad  # only one real token: contributes no target
-    loss = training.lm_loss(model, pad, train=False)(params, jnp.asarray(rows),
-                                                    jax.random.PRNGKey(0))
+    loss_sum, n = training.lm_loss(model, pad, train=False)(params, jnp.asarray(rows),
+                                                            jax.random.PRNGKey(0))
     inputs, targets = rows[:, :-1], rows[:, 1:]
     logits = np.asarray(model.apply({"params": params}, jnp.asarray(inputs),
                                     jnp.asarray(inputs != pad)))
     total, count = np_token_nll_sum(logits, targets, pad)
-    assert count == 6 + 11 + 0
-    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+    assert count == 6 + 11 + 0 == float(n)
+    np.testing.assert_allclose(float(loss_sum), total, rtol=1e-5)
 
 
 def test_lm_loss_train_mode_without_dropout_equals_eval_mode():
@@ -110,7 +110,7 @@ def test_lm_loss_train_mode_without_dropout_equals_eval_mode():
     rows = jnp.asarray(np.random.default_rng(3).integers(0, V - 1, size=(2, 10)))
     a = training.lm_loss(model, pad, train=False)(params, rows, jax.random.PRNGKey(0))
     b = training.lm_loss(model, pad, train=True)(params, rows, jax.random.PRNGKey(1))
-    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
 # --- learning rate schedule and optimiser ---------------------------------------------------
@@ -225,7 +225,7 @@ def test_evaluate_equals_lecture_totalavgloss():
     rows = data.stream_rows(tok, text, seq_len=16, streams=1)[0]  # 5 rows, the last short
     rows = data.pad_rows(rows, 4, tok.pad_id).reshape(-1, 4, rows.shape[1])  # (2, 4, 18)
     assert rows.shape[0] == 2 and (rows == tok.pad_id).all(axis=-1).any()
-    result = training.evaluate(training.compile_evaluate(mesh, model, tok.pad_id), params,
+    result = training.evaluate(training.compile_evaluate(mesh, training.lm_loss(model, tok.pad_id, train=False)), params,
                                jnp.asarray(rows))
     total, count = 0.0, 0
     for batch in rows:
@@ -286,3 +286,22 @@ def test_dp_one_device_chunk_equals_plain_value_and_grad_reference(dp_result):
     diff = dp_result["max_param_diff_1_vs_ref"]
     assert diff < 1e-10, f"compiled chunk vs reference: max |param difference| {diff:.3g}"
     np.testing.assert_allclose(dp_result["losses1"], dp_result["losses_ref"], rtol=1e-12)
+
+
+def test_micro_batches_give_the_same_loss_and_gradient_as_the_whole_batch():
+    """Gradient accumulation over slices equals one pass, pad rows and uneven counts included."""
+    V, pad = 9, 8
+    model, params = tiny_model(V)
+    rows = np.random.default_rng(4).integers(0, V - 1, size=(8, 12))
+    rows[1, 5:] = pad
+    rows[6, 2:] = pad
+    loss_fn = training.lm_loss(model, pad, train=False)
+    rng = jax.random.PRNGKey(0)
+    whole = training.loss_and_grads(loss_fn, params, jnp.asarray(rows), rng, 1)
+    sliced = training.loss_and_grads(loss_fn, params, jnp.asarray(rows), rng, 4)
+    np.testing.assert_allclose(float(whole[0]), float(sliced[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(whole[1]), jax.tree.leaves(sliced[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    # and the mean really is over counted targets: pad-heavy row 6 does not weigh as a full row
+    total, count = loss_fn(params, jnp.asarray(rows), rng)
+    np.testing.assert_allclose(float(whole[0]), float(total / count), rtol=1e-6)

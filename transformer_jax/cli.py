@@ -93,10 +93,11 @@ def _cpu_cores() -> int:
 
 def _default_cpu_devices(config: config_lib.Config) -> int:
     """One device per core, fewer where the cores do not divide a random batch."""
-    cores = _cpu_cores()
-    if config.train.batching == "stream":  # stream rows are padded to any device count
+    cores, train = _cpu_cores(), config.train
+    if train.batching == "stream":  # stream rows are padded to any device count
         return cores
-    return max(d for d in range(1, cores + 1) if config.train.batch_size % d == 0)
+    fits = [d for d in range(1, cores + 1) if train.batch_size % (d * train.micro_batches) == 0]
+    return max(fits, default=1)
 
 
 def use_cpu_devices(n: int) -> None:

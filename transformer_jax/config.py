@@ -94,13 +94,15 @@ class TrainConfig:
     save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
     keep: int = _f(3, "checkpoints to keep")
     steps_per_call: int = _f(50, "optimiser steps per compiled call (lax.scan)")
+    micro_batches: int = _f(1, "split each batch into this many sequential forward/backward "
+                            "passes (gradient accumulation): same result, less memory")
     val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation")
     seed: int = _f(0, "random seed for initialisation, batches and dropout")
 
     def __post_init__(self) -> None:
         _one_of(self, "batching", BATCHINGS)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
-                  "keep", "steps_per_call")
+                  "keep", "steps_per_call", "micro_batches")
         for name in ("steps", "epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -197,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lecture": dict(d_model=16, layers=6, heads=2, d_ff=64, activation="relu", norm="post",
                     positions="sinusoidal", tie_embeddings=True, max_len=501, dropout=0.0,
                     batching="stream", seq_len=500, streams=10, epochs=20, lr=1e-3,
-                    eval_every=10, save_every=50),
+                    micro_batches=16, eval_every=10, save_every=50),
     # A stronger character model that trains on a 2-core CPU in about ten minutes.
     "default": dict(d_model=128, layers=4, heads=4, d_ff=512, activation="gelu", norm="pre",
                     positions="learned", max_len=256, dropout=0.0, batching="random",

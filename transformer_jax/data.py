@@ -107,7 +107,8 @@ def stream_rows(tokenizer: CharTokenizer, text: str, seq_len: int, streams: int,
 
 def train_batches(tokenizer: CharTokenizer, text: str, cfg: TrainConfig,
                   row_multiple: int = 1) -> Batches:
-    """The training rows of `text` under `cfg`'s batching; `row_multiple` = data devices."""
+    """The training rows of `text` under `cfg`'s batching; rows per batch are a multiple of
+    `row_multiple` (data devices x micro-batches)."""
     if cfg.batching == "stream":
         rows = stream_rows(tokenizer, text, cfg.seq_len, cfg.streams, row_multiple)
         if not (rows[:, :, 2] != tokenizer.pad_id).any(axis=1).all():
@@ -115,8 +116,8 @@ def train_batches(tokenizer: CharTokenizer, text: str, cfg: TrainConfig,
                             f"--streams {cfg.streams}; lower --streams or give a longer corpus")
         return Batches(rows.reshape(-1), rows.shape[2], rows.shape[1], "stream", cfg.seed)
     if cfg.batch_size % row_multiple:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the "
-                        f"{row_multiple} data-parallel devices")
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by {row_multiple} "
+                        f"(data-parallel devices x --micro-batches {cfg.micro_batches})")
     if len(text) < cfg.tokens_per_sequence:
         raise UserError(f"the training text ({len(text)} characters) is shorter than one "
                         f"sequence ({cfg.tokens_per_sequence}); lower --seq-len or add text")

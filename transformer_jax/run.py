@@ -103,7 +103,8 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     mesh = training.data_mesh(devices)
     n_dev = mesh.devices.size
     train_text, val_text = data.split_text(text, tcfg.val_fraction)
-    batches = data.train_batches(tokenizer, train_text, tcfg, row_multiple=n_dev)
+    batches = data.train_batches(tokenizer, train_text, tcfg,
+                                 row_multiple=n_dev * tcfg.micro_batches)
     val_rows = data.eval_rows(tokenizer, val_text, tcfg)
     eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
     val_rows = data.pad_rows(val_rows, eval_batch, tokenizer.pad_id).reshape(
@@ -146,8 +147,9 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     say(f"parameters: {count_params(state.params):,}  devices: {n_dev} x "
         f"{mesh.devices.flat[0].platform}  tokens/step: {batches.batch_size * (batches.row_len - 1):,}")
     chunk_fn = training.compile_train_chunk(mesh, training.lm_loss(model, tokenizer.pad_id), tx,
-                                            batches.row_len)
-    eval_fn = training.compile_evaluate(mesh, model, tokenizer.pad_id)
+                                            batches.row_len, tcfg.micro_batches)
+    eval_fn = training.compile_evaluate(mesh, training.lm_loss(model, tokenizer.pad_id,
+                                                               train=False))
     source = jax.device_put(batches.source, replicated)
     val_all = jax.device_put(val_rows, NamedSharding(mesh, P(None, "data", None)))
     val_some = val_all[:tcfg.eval_batches] if tcfg.eval_batches else val_all

@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from transformer_jax.config import TrainConfig
 from transformer_jax.data import gather
 
-LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, batch, rng) -> loss
+# (params, batch, rng) -> (summed loss, number of counted targets)
+LossFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -86,19 +87,19 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int
 
 
 def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True) -> LossFn:
-    """The lecture's loss: mean cross-entropy of each next token given the ones before.
+    """The lecture's loss: cross-entropy of each next token given the ones before.
 
-    The returned function maps (params, rows_BxS, rng) to a scalar: rows are input and target
-    at once (inputs rows[:, :-1], targets rows[:, 1:]); pad targets are ignored and pad inputs
-    are never attended.
+    The returned function maps (params, rows_BxS, rng) to (loss_sum, count): rows are input and
+    target at once (inputs rows[:, :-1], targets rows[:, 1:]); pad targets are not counted and
+    pad inputs are never attended. Sums rather than means, so that micro-batches and devices
+    add up to exactly the mean over the whole batch.
     """
 
     def loss(params, rows_BxS, rng):
         inputs_BxT, targets_BxT = rows_BxS[:, :-1], rows_BxS[:, 1:]
         logits = model.apply({"params": params}, inputs_BxT, inputs_BxT != pad_id,
                              train=train, rngs={"dropout": rng})
-        total, count = token_losses(logits, targets_BxT, pad_id)
-        return total / jnp.maximum(count, 1.0)
+        return token_losses(logits, targets_BxT, pad_id)
 
     return loss
 
@@ -109,22 +110,53 @@ def init_state(params: Any, cfg: TrainConfig) -> TrainState:
                       rng=jax.random.PRNGKey(cfg.seed + 1))
 
 
+def loss_and_grads(loss_fn: LossFn, params: Any, rows_BxS: jax.Array, rng: jax.Array,
+                   micro_batches: int = 1) -> tuple[jax.Array, Any]:
+    """Mean loss over the batch's counted targets and its gradient.
+
+    With `micro_batches` > 1 the batch is processed in that many sequential slices (gradient
+    accumulation), bounding activation memory; the result is the same. Slice i takes rows
+    i, i + M, i + 2M, ... so that every slice is still spread over all devices.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (total, count), grads = grad_fn(params, rows_BxS, rng)
+    else:
+        B, S = rows_BxS.shape
+        rows_MxbxS = rows_BxS.reshape(B // micro_batches, micro_batches, S).swapaxes(0, 1)
+
+        def accumulate(carry, xs):
+            rows_bxS, i = xs
+            (total, count), grads = grad_fn(params, rows_bxS, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
+        (total, count, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), dtype), jnp.zeros((), dtype), zeros),
+            (rows_MxbxS, jnp.arange(micro_batches)))
+    count = jnp.maximum(count, 1.0)
+    return total / count, jax.tree.map(lambda g: g / count, grads)
+
+
 def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, micro_batches: int = 1
+               ) -> tuple[TrainState, dict]:
     """One optimiser step on one batch. Pure; jit it with the batch sharded over `data`.
 
     Returns:
       the new state and metrics {"loss", "grad_norm"} (float32 scalars).
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, rows_BxS, rng)
+    loss, grads = loss_and_grads(loss_fn, state.params, rows_BxS, rng, micro_batches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int):
+def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int,
+                        micro_batches: int = 1):
     """A jit-compiled function running len(starts) steps in one call (`lax.scan`).
 
     (state, source_N, starts_KxB) -> (state, metrics of shape (K,)). The batches are gathered
@@ -133,7 +165,7 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
     """
     replicated = NamedSharding(mesh, P())
     rows_sharding = NamedSharding(mesh, P("data", None))
-    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, micro_batches=micro_batches)
 
     def chunk(state, source_N, starts_KxB):
         def body(state, starts_B):
@@ -147,17 +179,15 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def compile_evaluate(mesh, model: flax.linen.Module, pad_id: int):
-    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows."""
+def compile_evaluate(mesh, loss_fn: LossFn):
+    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows, for an
+    evaluation-mode loss such as `lm_loss(model, pad_id, train=False)`."""
     rows_sharding = NamedSharding(mesh, P(None, "data", None))
 
     def evaluate(params, rows_NxBxS):
-        def batch_sums(rows_BxS):
-            inputs, targets = rows_BxS[:, :-1], rows_BxS[:, 1:]
-            logits = model.apply({"params": params}, inputs, inputs != pad_id)
-            return token_losses(logits, targets, pad_id)
-
-        sums, counts = jax.lax.map(batch_sums, rows_NxBxS.astype(jnp.int32))
+        rng = jax.random.PRNGKey(0)  # unused: no dropout in evaluation mode
+        sums, counts = jax.lax.map(lambda rows: loss_fn(params, rows, rng),
+                                   rows_NxBxS.astype(jnp.int32))
         return jnp.sum(sums), jnp.sum(counts)
 
     return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), rows_sharding))
