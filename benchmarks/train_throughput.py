@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py --data ../shared/data/tinyshakespeare.txt
 
 Runs the library's own compiled multi-step chunk (the code train.py runs) on all CPU cores.
+With PyTorch installed (`pip install torch==2.13.0`), also trains a nanoGPT-style PyTorch
+model of each shape in the same run and prints our speed over its speed.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def main() -> None:
     args = p.parse_args()
     devices = common.use_cpu_cores(args.cpu_devices)
     text = Path(args.data).read_text(encoding="utf-8")
+    try:
+        import torch_reference
+    except ImportError:
+        torch_reference = None
+        print("PyTorch not installed: no same-run reference (pip install torch==2.13.0)")
     peak = common.matmul_peak()
     print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {devices} CPU devices")
     figures = {}
@@ -72,6 +79,15 @@ def main() -> None:
         figures[f"tokens_per_s_{name}"] = round(tok_s)
         figures[f"mfu_{name}"] = tok_s * flops / peak
         print(f"{name}: {tok_s:,.0f} tokens/s, {tok_s * flops / 1e9:.1f} GFLOP/s", flush=True)
+        if torch_reference is not None:
+            from transformer_jax.tokenizer import CharTokenizer
+
+            tok = CharTokenizer.from_text(text)
+            ref = torch_reference.tokens_per_second(tok.encode(text), tok.vocab_size, *shape,
+                                                    seconds=args.seconds)
+            figures[f"torch_tokens_per_s_{name}"] = round(ref)
+            figures[f"speedup_vs_torch_{name}"] = tok_s / ref
+            print(f"{name}: PyTorch (nanoGPT-style) {ref:,.0f} tokens/s", flush=True)
     figures["peak_gflops"] = peak / 1e9
     common.report(**figures)
 
