@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -20,6 +21,15 @@ from transformer_jax.errors import UserError
 _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
             "batching": config_lib.BATCHINGS}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones (None, False) that would only add noise."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -68,7 +78,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train.py", formatter_class=_Help,
         description="Train a character-level causal transformer; rerun to resume.")
     p.add_argument("--data", help="UTF-8 text file or directory of .txt files "
                    "(default: Shakespeare's plays, downloaded on first use)")
@@ -126,7 +136,7 @@ def _train(argv: list[str] | None) -> None:
     args = train_parser().parse_args(argv)
     config = resolve_config(args)
     use_cpu_devices(args.cpu_devices or _default_cpu_devices(config))
-    from transformer_jax import corpus, data, run  # JAX imports only after the flags are good
+    from transformer_jax import corpus, data, plot, run  # JAX only after the flags are good
 
     path = args.data or corpus.prepare_default_corpus()
     text = data.read_text(path)
@@ -134,11 +144,17 @@ def _train(argv: list[str] | None) -> None:
 
     print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh)
+    try:
+        print(f"loss curve: {plot.plot_run(args.run_dir)}")
+    except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
+        print(f"no loss curve: {e}")
+    sampler = "python sample.py" if sys.argv[0].endswith(".py") else "transformer-jax-sample"
+    print(f"sample with: {sampler} --run-dir {shlex.quote(args.run_dir)} --prompt \"...\"")
 
 
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sample.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="sample.py", formatter_class=_Help,
         description="Print text sampled from a trained run: the prompt, then its continuation.")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
     prompt = p.add_mutually_exclusive_group()

@@ -197,7 +197,6 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
         ckpt.wait()
         ckpt.close()
     say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
-    say(f"sample with: python sample.py --run-dir {run_dir} --prompt \"...\"")
     return last
 
 
