@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from transformer_jax import config as config_lib
-from transformer_jax.errors import UserError
+from transformer_jax.errors import RunStopped, UserError
 
 _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
-            "batching": config_lib.BATCHINGS}
+            "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -143,13 +143,20 @@ def _train(argv: list[str] | None) -> None:
     import jax
 
     print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
-    run.train(config, text, args.run_dir, fresh=args.fresh)
+    run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command())
     try:
         print(f"loss curve: {plot.plot_run(args.run_dir)}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
     sampler = "python sample.py" if sys.argv[0].endswith(".py") else "transformer-jax-sample"
     print(f"sample with: {sampler} --run-dir {shlex.quote(args.run_dir)} --prompt \"...\"")
+
+
+def _resume_command() -> str:
+    """This process's own command line, without --fresh: what continues the run."""
+    program = sys.argv[0]
+    program = f"python {program}" if program.endswith(".py") else Path(program).name
+    return " ".join([program] + [shlex.quote(a) for a in sys.argv[1:] if a != "--fresh"])
 
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -216,6 +223,12 @@ def _main(body, argv: list[str] | None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def train_main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ NORMS = ("post", "pre")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16", "float64")
 BATCHINGS = ("random", "stream")
+ON_NAN = ("stop", "skip")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -96,11 +97,14 @@ class TrainConfig:
     steps_per_call: int = _f(50, "optimiser steps per compiled call (lax.scan)")
     micro_batches: int = _f(1, "split each batch into this many sequential forward/backward "
                             "passes (gradient accumulation): same result, less memory")
+    on_nan: str = _f("stop", "on a non-finite loss or gradient: stop (the last good checkpoint "
+                     "is kept) or skip that step's update")
     val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation")
     seed: int = _f(0, "random seed for initialisation, batches and dropout")
 
     def __post_init__(self) -> None:
         _one_of(self, "batching", BATCHINGS)
+        _one_of(self, "on_nan", ON_NAN)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
                   "keep", "steps_per_call", "micro_batches")
         for name in ("steps", "epochs"):

@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_jax import data, training
 from transformer_jax.checkpoint import RunCheckpoints
 from transformer_jax.config import Config, TransformerConfig
-from transformer_jax.errors import UserError
+from transformer_jax.errors import RunStopped, UserError
 from transformer_jax.model import Transformer, count_params, init_params
 from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
 
@@ -77,11 +80,14 @@ def _log(path: Path, record: dict) -> None:
 
 
 def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
-          fresh: bool = False, devices=None, quiet: bool = False) -> dict:
+          fresh: bool = False, devices=None, quiet: bool = False,
+          resume_command: str = "the same command") -> dict:
     """Train `config` on `text` in `run_dir`, resuming from its newest checkpoint.
 
     `config.model.vocab_size` is set from the tokenizer (built from `text` unless given).
-    Returns the final metrics {"step", "val_loss", "val_bpc", ...}.
+    SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
+    checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
+    leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
     """
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     run_dir = Path(run_dir)
@@ -161,6 +167,7 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     step, t0, last = start, time.perf_counter(), {}
     bar = tqdm(total=total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True,
                file=sys.stdout)
+    stop = _StopRequests()
     try:
         while step < total_steps:
             n = min(tcfg.steps_per_call, total_steps - step,
@@ -168,7 +175,17 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                     tcfg.save_every - step % tcfg.save_every)
             tick = time.perf_counter()
             state, out = chunk_fn(state, source, jnp.asarray(batches.starts(step, n)))
-            losses = np.asarray(out["loss"])
+            losses, finite = np.asarray(out["loss"]), np.asarray(out["finite"])
+            if not finite.all():
+                bad = [step + 1 + int(i) for i in np.flatnonzero(~finite)]
+                if tcfg.on_nan == "stop":
+                    raise RunStopped(
+                        f"the loss or gradient is not finite at step {bad[0]}; stopped without "
+                        f"saving (last good checkpoint: step {ckpt.latest_step()}); lower --lr, "
+                        "or give --on-nan skip", exit_code=1)
+                bar.write(f"skipped the update of step(s) {', '.join(map(str, bad))}: "
+                          "non-finite loss or gradient")
+                losses = losses[finite] if finite.any() else losses
             step += n
             tok_s = n * tokens_per_step / (time.perf_counter() - tick)
             bar.update(n)
@@ -187,17 +204,50 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                     bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
                               f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
             _log(metrics_path, last)
-            if step % tcfg.save_every == 0 or step == total_steps or reached:
+            if step % tcfg.save_every == 0 or step == total_steps or reached or stop.signal:
                 ckpt.save(step, state, {**meta, "data_position": step})
             if reached:
                 bar.write(f"validation loss {last['val_loss']:.4f} reached the target {target}")
                 break
+            if stop.signal:
+                ckpt.wait()
+                raise RunStopped(f"interrupted at step {step}, resume with {resume_command}",
+                                 exit_code=128 + stop.signal)
     finally:
+        stop.restore()
         bar.close()
         ckpt.wait()
         ckpt.close()
     say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
     return last
+
+
+class _StopRequests:
+    """Records the first SIGINT/SIGTERM instead of dying mid-step; a second SIGINT exits at once.
+
+    Orbax renames a step directory only once it is complete, so exiting at once never leaves a
+    half-written checkpoint behind, only an ignored temporary one.
+    """
+
+    def __init__(self):
+        self.signal = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal and signum == signal.SIGINT:
+            print("\ninterrupted again: exiting now; the last complete checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this chunk of steps "
+              "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_writable(run_dir: Path) -> None:

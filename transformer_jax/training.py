@@ -144,15 +144,22 @@ def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
                ) -> tuple[TrainState, dict]:
     """One optimiser step on one batch. Pure; jit it with the batch sharded over `data`.
 
+    A non-finite loss or gradient leaves the parameters and optimizer state as they were (the
+    step count still advances, as the data position does); `finite` reports it.
+
     Returns:
-      the new state and metrics {"loss", "grad_norm"} (float32 scalars).
+      the new state and metrics {"loss", "grad_norm", "finite"} (scalars).
     """
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = loss_and_grads(loss_fn, state.params, rows_BxS, rng, micro_batches)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new = state.replace(step=state.step + 1, params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state))
+    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int,

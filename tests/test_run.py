@@ -1,0 +1,115 @@
+"""Training runs that stop early on purpose: signals and non-finite losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from transformer_jax import run, training
+from transformer_jax.config import Config
+from transformer_jax.errors import RunStopped
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "fast", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
+        "--seq-len", "16", "--max-len", "16", "--batch-size", "4", "--eval-every", "1000",
+        "--save-every", "1000", "--steps-per-call", "5", "--cpu-devices", "2"]
+
+
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question. " * 60, encoding="utf-8")
+    return path
+
+
+def wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_resumed_run_matches(tmp_path):
+    data, run_dir = corpus(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, "--steps", "100000", "--data", str(data),
+           "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 120), "never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("interrupted at step ") and "resume with python train.py" in message
+    step = int(message.split()[3].rstrip(","))
+    assert (run_dir / "checkpoints" / str(step)).is_dir()
+    assert "--fresh" not in message
+
+    # Resume to a fixed total, and compare with an uninterrupted run of the same total.
+    total = step + 10
+    for directory in (run_dir, tmp_path / "straight"):
+        done = subprocess.run([*cmd[:-4], "--steps", str(total), "--data", str(data),
+                               "--run-dir", str(directory)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    resumed = run.load_for_sampling(run_dir)[2]
+    straight = run.load_for_sampling(tmp_path / "straight")[2]
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_train_step_skips_a_non_finite_update_and_reports_it():
+    params = {"w": jnp.ones(3)}
+    tx = optax.adam(0.1)
+    state = training.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                                rng=jax.random.PRNGKey(0))
+
+    def loss_fn(params, rows, rng):  # NaN whenever the batch holds a negative number
+        total = jnp.sum(params["w"] * rows) + jnp.where(rows.min() < 0, jnp.nan, 0.0)
+        return total, jnp.float32(rows.size)
+
+    good, out = training.train_step(state, jnp.ones((2, 3)), loss_fn=loss_fn, tx=tx)
+    assert bool(out["finite"]) and not np.allclose(good.params["w"], 1.0)
+    bad, out = training.train_step(good, -jnp.ones((2, 3)), loss_fn=loss_fn, tx=tx)
+    assert not bool(out["finite"]) and int(bad.step) == 2
+    np.testing.assert_array_equal(bad.params["w"], good.params["w"])
+    for a, b in zip(jax.tree.leaves(bad.opt_state), jax.tree.leaves(good.opt_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def diverging_config(on_nan: str) -> Config:
+    return Config().replace(d_model=16, layers=1, heads=2, d_ff=32, seq_len=16, max_len=16,
+                            batch_size=4, steps=20, steps_per_call=5, save_every=5,
+                            eval_every=1000, lr=1e30, on_nan=on_nan)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoints(tmp_path):
+    text = "To be, or not to be, that is the question. " * 60
+    with pytest.raises(RunStopped, match=r"not finite at step \d+.*last good checkpoint") as e:
+        run.train(diverging_config("stop"), text, tmp_path, quiet=True,
+                  devices=jax.devices()[:1])
+    assert e.value.exit_code == 1
+    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad_step for s in saved)
+
+
+def test_on_nan_skip_finishes_with_finite_parameters(tmp_path):
+    text = "To be, or not to be, that is the question. " * 60
+    run.train(diverging_config("skip"), text, tmp_path, quiet=True, devices=jax.devices()[:1])
+    params = run.load_for_sampling(tmp_path)[2]
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20
