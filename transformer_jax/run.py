@@ -108,13 +108,7 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
 
     mesh = training.data_mesh(devices)
     n_dev = mesh.devices.size
-    train_text, val_text = data.split_text(text, tcfg.val_fraction)
-    batches = data.train_batches(tokenizer, train_text, tcfg,
-                                 row_multiple=n_dev * tcfg.micro_batches)
-    val_rows = data.eval_rows(tokenizer, val_text, tcfg)
-    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
-    val_rows = data.pad_rows(val_rows, eval_batch, tokenizer.pad_id).reshape(
-        -1, eval_batch, batches.row_len)
+    batches, val_rows = _datasets(tokenizer, text, tcfg, n_dev)
 
     model = Transformer(cfg)
     tx = training.optimizer(tcfg)
@@ -129,20 +123,15 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     _check_writable(run_dir)
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
     meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
-    start = ckpt.latest_step()
-    if start is not None:
-        try:
-            saved = ckpt.meta(start)
-            check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
-                            meta["tokenizer"], f"run directory {run_dir}")
-            state = ckpt.restore(start, abstract)
-        except UserError:
-            ckpt.close()
-            raise
+    try:
+        state, start = _resume(ckpt, config, meta["tokenizer"], abstract, run_dir)
+    except UserError:
+        ckpt.close()
+        raise
+    if start:
         say(f"resuming from step {start}")
     else:
         state = jax.jit(make_state, out_shardings=replicated)()
-        start = 0
     if start >= total_steps:
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
             f"of {total_steps}; give a larger --steps to continue")
@@ -220,6 +209,29 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
         ckpt.close()
     say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
     return last
+
+
+def _datasets(tokenizer: CharTokenizer, text: str, tcfg, n_dev: int
+              ) -> tuple[data.Batches, np.ndarray]:
+    """Training batches, and every validation row as (N, B, S) batches for n_dev devices."""
+    train_text, val_text = data.split_text(text, tcfg.val_fraction)
+    batches = data.train_batches(tokenizer, train_text, tcfg,
+                                 row_multiple=n_dev * tcfg.micro_batches)
+    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
+    val_rows = data.pad_rows(data.eval_rows(tokenizer, val_text, tcfg), eval_batch,
+                             tokenizer.pad_id)
+    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
+
+
+def _resume(ckpt: RunCheckpoints, config: Config, tokenizer: dict, abstract, run_dir: Path):
+    """(restored state, its step) from the newest checkpoint, or (None, 0) when there is none."""
+    start = ckpt.latest_step()
+    if start is None:
+        return None, 0
+    saved = ckpt.meta(start)
+    check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"], tokenizer,
+                    f"run directory {run_dir}")
+    return ckpt.restore(start, abstract), start
 
 
 class _StopRequests:
