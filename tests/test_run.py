@@ -113,3 +113,20 @@ def test_on_nan_skip_finishes_with_finite_parameters(tmp_path):
     params = run.load_for_sampling(tmp_path)[2]
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20
+
+
+def test_same_seed_config_and_data_give_the_same_losses_and_samples(tmp_path):
+    from transformer_jax.sampling import complete
+
+    text = "To be, or not to be, that is the question. " * 60
+    config = Config().replace(d_model=16, layers=1, heads=2, d_ff=32, seq_len=16, max_len=16,
+                              batch_size=4, steps=15, steps_per_call=5, eval_every=5,
+                              save_every=15, dropout=0.1)
+    outputs = []
+    for name in ("a", "b"):
+        run.train(config, text, tmp_path / name, quiet=True, devices=jax.devices()[:1])
+        losses = [(r["train_loss"], r.get("val_loss"))
+                  for r in map(json.loads, (tmp_path / name / "metrics.jsonl").open())]
+        cfg, tok, params, _ = run.load_for_sampling(tmp_path / name)
+        outputs.append((losses, complete(cfg, tok, params, "To be", max_new_tokens=20, seed=3)))
+    assert outputs[0] == outputs[1]
