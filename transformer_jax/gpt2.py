@@ -1,0 +1,222 @@
+"""Pretrained GPT-2 from Hugging Face files: our `Transformer` with their weights and tokenizer.
+
+GPT-2 is a pre-LN transformer with learned positions, tanh-approximated GELU, a fused
+query/key/value projection, a final layer norm and a prediction layer tied to the token
+embedding: exactly our `Transformer`, so loading is renaming tensors. Weights are read from
+`model.safetensors` only (never a pickle); the tokenizer is Hugging Face `tokenizers`' byte-level
+BPE. Needs the `gpt2` extra: `pip install 'transformer-jax[gpt2]'`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax.config import TransformerConfig
+from transformer_jax.errors import UserError
+from transformer_jax.model import Transformer
+
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+END_OF_TEXT = "<|endoftext|>"
+# config.json's activation_function -> ours ("gelu_new" is the tanh approximation).
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu"}
+_REQUIRED = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
+
+# Our parameter path <- Hugging Face tensor name (after any "transformer." prefix), {i} the
+# block. GPT-2's Conv1D weights are stored (in, out), as our Dense kernels; None: no tensor.
+_TOP_KEYS = {
+    ("embed", "embedding"): "wte.weight",
+    ("trunk", "positions"): "wpe.weight",
+    ("trunk", "ln_f", "scale"): "ln_f.weight",
+    ("trunk", "ln_f", "bias"): "ln_f.bias",
+    ("head", "kernel"): "lm_head.weight",  # untied only; an nn.Linear (V, D): transposed
+    ("head", "bias"): None,  # GPT-2's head has no bias: zeros
+}
+_BLOCK_KEYS = {
+    ("ln1", "scale"): "h.{i}.ln_1.weight", ("ln1", "bias"): "h.{i}.ln_1.bias",
+    ("attn", "qkv", "kernel"): "h.{i}.attn.c_attn.weight",
+    ("attn", "qkv", "bias"): "h.{i}.attn.c_attn.bias",
+    ("attn", "out", "kernel"): "h.{i}.attn.c_proj.weight",
+    ("attn", "out", "bias"): "h.{i}.attn.c_proj.bias",
+    ("ln2", "scale"): "h.{i}.ln_2.weight", ("ln2", "bias"): "h.{i}.ln_2.bias",
+    ("mlp", "up", "kernel"): "h.{i}.mlp.c_fc.weight", ("mlp", "up", "bias"): "h.{i}.mlp.c_fc.bias",
+    ("mlp", "down", "kernel"): "h.{i}.mlp.c_proj.weight",
+    ("mlp", "down", "bias"): "h.{i}.mlp.c_proj.bias",
+}
+_TRANSPOSED = {"lm_head.weight"}
+_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
+
+
+def _need(module: str):
+    """Import an optional dependency of the `gpt2` extra, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"loading GPT-2 needs {module.split('.')[0]}: "
+                        "pip install 'transformer-jax[gpt2]'") from None
+
+
+class BPETokenizer:
+    """GPT-2's byte-level BPE: any text to ids and back, losslessly; `<|endoftext|>` special."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> BPETokenizer:
+        """From `tokenizer.json`, else from `vocab.json` + `merges.txt` set up as GPT-2's."""
+        tokenizers, directory = _need("tokenizers"), Path(directory)
+        if (directory / "tokenizer.json").is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise UserError(f"{directory} has no tokenizer: need tokenizer.json, or vocab.json "
+                            "and merges.txt")
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        if tokenizer.token_to_id(END_OF_TEXT) is not None:
+            tokenizer.add_special_tokens([END_OF_TEXT])
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:
+    """Our model configuration from a GPT-2 `config.json`, refusing what we cannot compute."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: must hold a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{source}: model_type={hf['model_type']!r} is not GPT-2")
+    missing = [name for name in _REQUIRED if name not in hf]
+    if missing:
+        raise UserError(f"{source}: missing field(s) {', '.join(missing)}")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS:
+        raise UserError(f"{source}: activation_function={activation!r} is not supported "
+                        f"(supported: {', '.join(_ACTIVATIONS)})")
+    if not hf.get("scale_attn_weights", True):
+        raise UserError(f"{source}: scale_attn_weights=false is not supported (attention "
+                        "scores are always divided by sqrt(head_dim))")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise UserError(f"{source}: scale_attn_by_inverse_layer_idx=true is not supported")
+    # reorder_and_upcast_attn only changes float16 rounding: we compute attention in float32.
+    n_inner = hf.get("n_inner")
+    try:
+        return TransformerConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["n_embd"], layers=hf["n_layer"],
+            heads=hf["n_head"], d_ff=4 * hf["n_embd"] if n_inner is None else n_inner,
+            activation=_ACTIVATIONS[activation], norm="pre", positions="learned",
+            max_len=hf["n_positions"], tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            dropout=0.0, layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def params_from_state_dict(tensors: dict[str, np.ndarray], config: TransformerConfig,
+                           source: str = "the checkpoint") -> dict:
+    """Our float32 parameter tree from GPT-2's tensors (names with or without `transformer.`).
+
+    Raises:
+      UserError naming the tensor that is missing, unexpected or of the wrong shape.
+    """
+    tensors = {name.removeprefix("transformer."): value for name, value in tensors.items()}
+    tensors = {name: value for name, value in tensors.items() if not _BUFFERS.fullmatch(name)}
+    key_map = {**_TOP_KEYS, **{("trunk", f"block_{i}", *path): name.format(i=i)
+                               for i in range(config.layers) for path, name in _BLOCK_KEYS.items()}}
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), ids)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+    def load(path, leaf):
+        name = key_map[tuple(k.key for k in path)]
+        if name is None:
+            return jnp.zeros(leaf.shape, jnp.float32)
+        if name not in tensors:
+            raise UserError(f"{source}: missing tensor {name!r}")
+        value = np.asarray(tensors.pop(name))
+        want = leaf.shape[::-1] if name in _TRANSPOSED else leaf.shape
+        if value.shape != want:
+            raise UserError(f"{source}: tensor {name!r} has shape {value.shape}, expected {want}")
+        return jnp.asarray(value.T if name in _TRANSPOSED else value, jnp.float32)
+
+    params = treedef.unflatten([load(path, leaf) for path, leaf in leaves])
+    head = tensors.pop("lm_head.weight", None)  # tied: a saved copy of wte is fine
+    if head is not None and not np.array_equal(head, params["embed"]["embedding"]):
+        raise UserError(f"{source}: lm_head.weight differs from wte.weight but "
+                        "tie_word_embeddings is true")
+    if tensors:
+        raise UserError(f"{source}: unexpected tensor(s) {', '.join(sorted(tensors))}")
+    return params
+
+
+def _snapshot(repo_id: str) -> Path:
+    """The hub repository's files that we read, in the Hugging Face cache (fetched if need be)."""
+    hub, errors = _need("huggingface_hub"), _need("huggingface_hub.errors")
+    try:
+        return Path(hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except errors.HFValidationError:
+        raise UserError(f"{repo_id!r} is neither a directory nor a Hugging Face hub name") from None
+    except errors.LocalEntryNotFoundError:
+        raise UserError(f"{repo_id!r} is no local directory and cannot be downloaded: the Hugging "
+                        "Face hub is unreachable (offline?) and it is not in the cache; pass a "
+                        "directory with config.json and model.safetensors instead") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot download {repo_id!r} from the Hugging Face hub: {first}"
+                        ) from None
+
+
+def from_pretrained(name_or_path: str | os.PathLike) -> tuple[Transformer, dict, BPETokenizer]:
+    """GPT-2 from a local directory in Hugging Face layout or a hub name (`gpt2`, `gpt2-medium`).
+
+    The directory needs config.json, model.safetensors and tokenizer.json (or vocab.json and
+    merges.txt).
+
+    Returns:
+      (model, params, tokenizer): `model.apply({"params": params}, ids_BxT)` gives float32
+      logits (B, T, V); `tokenizer.encode(str) -> list[int]`, `tokenizer.decode(ids) -> str`.
+    """
+    local = Path(name_or_path).expanduser()
+    directory = local if local.exists() else _snapshot(str(name_or_path))
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    config_path, weights = directory / "config.json", directory / "model.safetensors"
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{config_path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_path}: cannot read it as JSON ({e})") from None
+    config = config_from_hf(hf, str(config_path))
+    if not weights.is_file():
+        if (directory / "pytorch_model.bin").is_file():
+            raise UserError(
+                f"{directory} has pytorch_model.bin but no model.safetensors; pickled weights are "
+                "refused (unpickling can run arbitrary code): in a trusted environment, convert "
+                "them with transformers: GPT2LMHeadModel.from_pretrained(DIR).save_pretrained("
+                "DIR, safe_serialization=True)")
+        raise UserError(f"{directory} has no model.safetensors (only safetensors weights are read)")
+    safetensors = _need("safetensors")
+    try:
+        tensors = _need("safetensors.numpy").load_file(str(weights))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise UserError(f"{weights}: cannot read it as safetensors ({e})") from None
+    params = params_from_state_dict(tensors, config, str(weights))
+    return Transformer(config), params, BPETokenizer.from_dir(directory)
