@@ -130,3 +130,41 @@ def test_same_seed_config_and_data_give_the_same_losses_and_samples(tmp_path):
         cfg, tok, params, _ = run.load_for_sampling(tmp_path / name)
         outputs.append((losses, complete(cfg, tok, params, "To be", max_new_tokens=20, seed=3)))
     assert outputs[0] == outputs[1]
+
+
+def corrupt_newest_step(run_dir: Path, how: str) -> int:
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    newest = run_dir / "checkpoints" / str(steps[-1])
+    if how == "truncate":  # garbage in the array store
+        for f in (newest / "state").rglob("*"):
+            if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+                f.write_bytes(b"garbage")
+    else:  # a missing metadata file
+        for f in (newest / "meta").iterdir():
+            f.unlink()
+    return steps[-1]
+
+
+@pytest.mark.parametrize("how", ["truncate", "missing-meta"])
+def test_an_unreadable_newest_checkpoint_is_an_error_unless_last_good_is_asked(tmp_path, how):
+    from transformer_jax.errors import UserError
+
+    text = "To be, or not to be, that is the question. " * 60
+    config = Config().replace(d_model=16, layers=1, heads=2, d_ff=32, seq_len=16, max_len=16,
+                              batch_size=4, steps=10, steps_per_call=5, save_every=5,
+                              eval_every=1000)
+    one = dict(quiet=True, devices=jax.devices()[:1])
+    run.train(config, text, tmp_path, **one)
+    bad = corrupt_newest_step(tmp_path, how)
+    longer = config.replace(steps=15)
+    with pytest.raises(UserError, match=rf"step {bad}.*unreadable.*--resume-from last-good"):
+        run.train(longer, text, tmp_path, **one)
+    assert (tmp_path / "checkpoints" / str(bad)).is_dir()  # never removed unasked
+    run.train(longer, text, tmp_path, resume_from="last-good", quiet=False,
+              devices=jax.devices()[:1])
+    assert (tmp_path / "checkpoints" / f"unreadable-{bad}").is_dir()
+    # resumed from the good step 5 and reached 15: same parameters as a straight run to 15
+    run.train(longer, text, tmp_path / "straight", **one)
+    for a, b in zip(jax.tree.leaves(run.load_for_sampling(tmp_path)[2]),
+                    jax.tree.leaves(run.load_for_sampling(tmp_path / "straight")[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

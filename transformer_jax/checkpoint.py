@@ -21,6 +21,10 @@ from transformer_jax.errors import UserError
 FORMAT = "transformer-jax/1"
 
 
+class UnreadableCheckpoint(UserError):
+    """A step whose files are missing or corrupt (as opposed to a readable foreign one)."""
+
+
 class RunCheckpoints:
     """The checkpoints of one run directory (wraps an orbax CheckpointManager)."""
 
@@ -35,28 +39,43 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every complete step, newest first."""
+        return sorted(self._manager.all_steps(), reverse=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Move an unreadable step out of the way (kept for inspection, never loaded again)."""
+        target = self.dir / f"unreadable-{step}"
+        (self.dir / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of `step`: {"format", "config", "tokenizer", "data_position"}."""
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types for a missing or corrupt file
-            raise UserError(f"checkpoint step {step} in {self.dir}: metadata unreadable "
-                            f"({type(e).__name__}); delete that step or start with --fresh"
-                            ) from None
+            raise UnreadableCheckpoint(f"checkpoint step {step} in {self.dir}: metadata "
+                                       f"unreadable ({type(e).__name__})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"checkpoint step {step} in {self.dir} is not a transformer-jax "
                             "checkpoint")
         return meta
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        """The train state of `step`, shaped and sharded like `abstract_state`."""
+        """The train state of `step`, shaped and sharded like `abstract_state`.
+
+        Call it after checking the step's metadata against the model: a failure then means
+        missing or corrupt files.
+        """
         try:
             return self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:
-            raise UserError(f"checkpoint step {step} in {self.dir} does not match this model "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+            raise UnreadableCheckpoint(
+                f"checkpoint step {step} in {self.dir}: state unreadable or does not match this "
+                f"model ({type(e).__name__}: {_first_line(e)})") from None
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of `step` (what sampling needs), shaped like `abstract_params`."""

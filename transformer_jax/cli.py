@@ -89,6 +89,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of config fields, applied over the preset")
     p.add_argument("--fresh", action="store_true",
                    help="start over in an existing run directory instead of resuming")
+    p.add_argument("--resume-from", choices=("latest", "last-good"), default="latest",
+                   help="latest: an unreadable newest checkpoint is an error; last-good: set "
+                   "unreadable steps aside and resume from the newest readable one")
     p.add_argument("--cpu-devices", type=_positive_int, default=None,
                    help="on CPU, XLA host devices to split each batch across (default: as many "
                    "as there are cores, less if needed to divide --batch-size); ignored on "
@@ -143,7 +146,8 @@ def _train(argv: list[str] | None) -> None:
     import jax
 
     print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
-    run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command())
+    run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
+              resume_from=args.resume_from)
     try:
         print(f"loss curve: {plot.plot_run(args.run_dir)}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure

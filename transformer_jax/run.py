@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from transformer_jax import data, training
-from transformer_jax.checkpoint import RunCheckpoints
+from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint
 from transformer_jax.config import Config, TransformerConfig
 from transformer_jax.errors import RunStopped, UserError
 from transformer_jax.model import Transformer, count_params, init_params
@@ -81,10 +81,11 @@ def _log(path: Path, record: dict) -> None:
 
 def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
           fresh: bool = False, devices=None, quiet: bool = False,
-          resume_command: str = "the same command") -> dict:
+          resume_command: str = "the same command", resume_from: str = "latest") -> dict:
     """Train `config` on `text` in `run_dir`, resuming from its newest checkpoint.
 
     `config.model.vocab_size` is set from the tokenizer (built from `text` unless given).
+    `resume_from="last-good"` skips unreadable newest checkpoints (see `_resume`).
     SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
     checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
     leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
@@ -124,7 +125,8 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
     meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
     try:
-        state, start = _resume(ckpt, config, meta["tokenizer"], abstract, run_dir)
+        state, start = _resume(ckpt, config, meta["tokenizer"], abstract, run_dir,
+                               resume_from, say)
     except UserError:
         ckpt.close()
         raise
@@ -223,15 +225,26 @@ def _datasets(tokenizer: CharTokenizer, text: str, tcfg, n_dev: int
     return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
 
 
-def _resume(ckpt: RunCheckpoints, config: Config, tokenizer: dict, abstract, run_dir: Path):
-    """(restored state, its step) from the newest checkpoint, or (None, 0) when there is none."""
-    start = ckpt.latest_step()
-    if start is None:
-        return None, 0
-    saved = ckpt.meta(start)
-    check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"], tokenizer,
-                    f"run directory {run_dir}")
-    return ckpt.restore(start, abstract), start
+def _resume(ckpt: RunCheckpoints, config: Config, tokenizer: dict, abstract, run_dir: Path,
+            resume_from: str, say):
+    """(restored state, its step) from the newest checkpoint, or (None, 0) when there is none.
+
+    An unreadable newest step is an error, unless `resume_from` is "last-good": then each
+    unreadable step is set aside, with a message, and the newest readable one is used. A
+    readable step of another model or corpus is always an error.
+    """
+    for step in ckpt.steps():
+        try:
+            saved = ckpt.meta(step)
+            check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
+                            tokenizer, f"run directory {run_dir}")
+            return ckpt.restore(step, abstract), step
+        except UnreadableCheckpoint as e:
+            if resume_from != "last-good":
+                raise UserError(f"{e}; give --resume-from last-good to fall back to the newest "
+                                "readable step, or --fresh") from None
+            say(f"{e}: set aside as {ckpt.set_aside(step)}")
+    return None, 0
 
 
 class _StopRequests:
