@@ -41,7 +41,8 @@ def _positive_int(text: str) -> int:
 
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`d_model` -> `--d-model`); unset flags are absent."""
-    for title, fields in (("model", config_lib.MODEL_FIELDS), ("training", config_lib.TRAIN_FIELDS)):
+    sections = (("model", config_lib.MODEL_FIELDS), ("training", config_lib.TRAIN_FIELDS))
+    for title, fields in sections:
         group = parser.add_argument_group(f"{title} (override the preset and --config)")
         for name, f in fields.items():
             if not f.metadata.get("flag", True):

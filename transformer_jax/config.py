@@ -79,7 +79,8 @@ class TrainConfig:
     batch_size: int = _f(16, "sequences per step (random batching) and per evaluation batch")
     streams: int = _f(10, "stream batching: contiguous chunks of the text, one batch each")
     steps: int | None = _f(None, "total optimiser steps of the run (resume continues up to it)")
-    epochs: int | None = _f(None, "stream batching: passes over the text (steps = epochs * streams)")
+    epochs: int | None = _f(None, "stream batching: passes over the text "
+                            "(steps = epochs * streams)")
     lr: float = _f(1e-3, "peak learning rate")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.999, "Adam beta2")

@@ -141,8 +141,9 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
         return {"step": start}
 
     say(json.dumps(config.to_dict()))
+    tokens_per_step = batches.batch_size * (batches.row_len - 1)
     say(f"parameters: {count_params(state.params):,}  devices: {n_dev} x "
-        f"{mesh.devices.flat[0].platform}  tokens/step: {batches.batch_size * (batches.row_len - 1):,}")
+        f"{mesh.devices.flat[0].platform}  tokens/step: {tokens_per_step:,}")
     chunk_fn = training.compile_train_chunk(mesh, training.lm_loss(model, tokenizer.pad_id), tx,
                                             batches.row_len, tcfg.micro_batches)
     eval_fn = training.compile_evaluate(mesh, training.lm_loss(model, tokenizer.pad_id,
@@ -152,7 +153,6 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     val_some = val_all[:tcfg.eval_batches] if tcfg.eval_batches else val_all
     schedule = training.learning_rate(tcfg)
     metrics_path = run_dir / "metrics.jsonl"
-    tokens_per_step = batches.batch_size * (batches.row_len - 1)
 
     target = tcfg.target_loss
     step, t0, last = start, time.perf_counter(), {}

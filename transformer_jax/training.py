@@ -182,7 +182,8 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
 
         return jax.lax.scan(body, state, starts_KxB)
 
-    return jax.jit(chunk, in_shardings=(replicated, replicated, NamedSharding(mesh, P(None, "data"))),
+    starts_sharding = NamedSharding(mesh, P(None, "data"))
+    return jax.jit(chunk, in_shardings=(replicated, replicated, starts_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
