@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 
 def use_cpu_cores(n: int | None = None) -> int:
-    """One XLA host device per core (call before JAX starts); returns the count."""
-    n = n or len(os.sched_getaffinity(0))
-    import jax
+    """One XLA host device per core, as train.py does (call before JAX starts); the count."""
+    from transformer_jax.cli import cpu_cores, use_cpu_devices
 
-    jax.config.update("jax_num_cpu_devices", n)
+    n = n or cpu_cores()
+    use_cpu_devices(n)
     return n
 
 

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from transformer_jax import run, training
-from transformer_jax.checkpoint import FORMAT, RunCheckpoints, abstract
+from transformer_jax.checkpoint import FORMAT, RunCheckpoints
 from transformer_jax.config import Config, TrainConfig, TransformerConfig
 from transformer_jax.errors import UserError
 from transformer_jax.model import init_params
@@ -43,6 +44,11 @@ def _leaves_equal(a, b) -> None:
 def _model_config(d_model: int = 16) -> TransformerConfig:
     return TransformerConfig(vocab_size=CharTokenizer.from_text(TEXT).vocab_size,
                              d_model=d_model, layers=1, heads=2, d_ff=32, max_len=16)
+
+
+def abstract(tree):
+    """Shape/dtype/sharding stand-ins for a pytree of arrays (a restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 def _abstract_state(d_model: int) -> training.TrainState:

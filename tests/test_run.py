@@ -1,7 +1,6 @@
 """Training runs that stop early on purpose: signals and non-finite losses."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

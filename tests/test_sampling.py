@@ -7,7 +7,6 @@ Compiles are the cost here: every distinct (config, max_new_tokens, top_k, num_s
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

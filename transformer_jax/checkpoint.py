@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from transformer_jax.errors import UserError
@@ -107,7 +106,3 @@ def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else ""
 
-
-def abstract(tree: Any) -> Any:
-    """Shape/dtype/sharding stand-ins for a pytree of arrays (restore targets)."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

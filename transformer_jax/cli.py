@@ -101,13 +101,14 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cpu_cores() -> int:
+def cpu_cores() -> int:
+    """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _default_cpu_devices(config: config_lib.Config) -> int:
     """One device per core, fewer where the cores do not divide a random batch."""
-    cores, train = _cpu_cores(), config.train
+    cores, train = cpu_cores(), config.train
     if train.batching == "stream":  # stream rows are padded to any device count
         return cores
     fits = [d for d in range(1, cores + 1) if train.batch_size % (d * train.micro_batches) == 0]
@@ -189,14 +190,14 @@ def _sample(argv: list[str] | None) -> None:
 
     # orbax logs absl warnings when it opens a checkpoint read-only; they are not for users.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must not be negative")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature} must not be negative")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p} must be in (0, 1]")
-    if args.top_k < 0:
-        raise UserError(f"--top-k {args.top_k} must not be negative")
+    from transformer_jax import run, sampling
+
+    try:  # a larger --top-k than the vocabulary means all of it (clamped below)
+        sampling.check_arguments(max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, num_samples=args.num_samples)
+    except ValueError as e:
+        raise UserError(f"--{str(e).split('=')[0].replace('_', '-')}: {e}") from None
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -204,8 +205,6 @@ def _sample(argv: list[str] | None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
                             f"({e.__class__.__name__})") from None
-    from transformer_jax import run, sampling
-
     config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
     samples = sampling.complete(config, tokenizer, params, prompt,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,

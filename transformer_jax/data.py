@@ -61,6 +61,11 @@ class Batches:
     seed: int
 
     @property
+    def tokens_per_step(self) -> int:
+        """Predicted positions per batch (each row's last token is only a target)."""
+        return self.batch_size * (self.row_len - 1)
+
+    @property
     def steps_per_epoch(self) -> int:
         """Stream batching: batches in one pass over the text (random: windows per pass)."""
         return max(1, len(self.source) // (self.row_len * self.batch_size))
@@ -129,8 +134,7 @@ def eval_rows(tokenizer: CharTokenizer, text: str, cfg: TrainConfig) -> np.ndarr
     """Every validation row once, (N, row_len): stream pieces, or for random batching all
     non-overlapping windows (each character is predicted exactly once)."""
     if cfg.batching == "stream":
-        rows = stream_rows(tokenizer, text, cfg.seq_len, 1)[0]
-        return rows
+        return stream_rows(tokenizer, text, cfg.seq_len, 1)[0]
     ids = tokenizer.encode(text)
     if len(ids) < cfg.tokens_per_sequence:
         raise UserError(f"the validation text ({len(text)} characters) is shorter than one "

@@ -21,7 +21,7 @@ import numpy as np
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import Transformer
+from transformer_jax.model import Transformer, param_shapes
 
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 END_OF_TEXT = "<|endoftext|>"
@@ -140,9 +140,7 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], config: TransformerCo
     tensors = {name: value for name, value in tensors.items() if not _BUFFERS.fullmatch(name)}
     key_map = {**_TOP_KEYS, **{("trunk", f"block_{i}", *path): name.format(i=i)
                                for i in range(config.layers) for path, name in _BLOCK_KEYS.items()}}
-    ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), ids)["params"]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
 
     def load(path, leaf):
         name = key_map[tuple(k.key for k in path)]

@@ -203,6 +203,11 @@ def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
     return jax.jit(Transformer(config).init)(rng, ids)["params"]
 
 
+def param_shapes(config: TransformerConfig) -> dict:
+    """The parameter tree as shapes and dtypes only (restore and load targets); no compute."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
 def init_cache(config: TransformerConfig, batch_size: int) -> dict:
     """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""
     ids = jnp.zeros((batch_size, 1), jnp.int32)

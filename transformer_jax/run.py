@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from transformer_jax import data, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint
-from transformer_jax.config import Config, TransformerConfig
+from transformer_jax.config import Config
 from transformer_jax.errors import RunStopped, UserError
-from transformer_jax.model import Transformer, count_params, init_params
+from transformer_jax.model import Transformer, count_params, init_params, param_shapes
 from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
 
 # Fields that fix what a checkpoint's parameters and data order mean: they must not change on
@@ -68,8 +68,7 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, CharTokenizer, Any, 
         meta = ckpt.meta(step)
         config = Config.from_dict(meta["config"])
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        shapes = jax.eval_shape(lambda: init_params(config.model, jax.random.PRNGKey(0)))
-        return config, tokenizer, ckpt.restore_params(step, shapes), step
+        return config, tokenizer, ckpt.restore_params(step, param_shapes(config.model)), step
     finally:
         ckpt.close()
 
@@ -141,9 +140,8 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
         return {"step": start}
 
     say(json.dumps(config.to_dict()))
-    tokens_per_step = batches.batch_size * (batches.row_len - 1)
     say(f"parameters: {count_params(state.params):,}  devices: {n_dev} x "
-        f"{mesh.devices.flat[0].platform}  tokens/step: {tokens_per_step:,}")
+        f"{mesh.devices.flat[0].platform}  tokens/step: {batches.tokens_per_step:,}")
     chunk_fn = training.compile_train_chunk(mesh, training.lm_loss(model, tokenizer.pad_id), tx,
                                             batches.row_len, tcfg.micro_batches)
     eval_fn = training.compile_evaluate(mesh, training.lm_loss(model, tokenizer.pad_id,
@@ -158,6 +156,7 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     step, t0, last = start, time.perf_counter(), {}
     bar = tqdm(total=total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True,
                file=sys.stdout)
+    note = (lambda *a: None) if quiet else bar.write  # bar.write ignores `disable`
     stop = _StopRequests()
     try:
         while step < total_steps:
@@ -174,11 +173,11 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                         f"the loss or gradient is not finite at step {bad[0]}; stopped without "
                         f"saving (last good checkpoint: step {ckpt.latest_step()}); lower --lr, "
                         "or give --on-nan skip", exit_code=1)
-                bar.write(f"skipped the update of step(s) {', '.join(map(str, bad))}: "
+                note(f"skipped the update of step(s) {', '.join(map(str, bad))}: "
                           "non-finite loss or gradient")
                 losses = losses[finite] if finite.any() else losses
             step += n
-            tok_s = n * tokens_per_step / (time.perf_counter() - tick)
+            tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
             bar.update(n)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
             last = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
@@ -191,14 +190,13 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                     ev = training.evaluate(eval_fn, state.params, val_all)  # confirm on all
                     reached = ev["loss"] <= target
                 last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
-                if not quiet:
-                    bar.write(f"step {step}: train loss {last['train_loss']:.4f}, "
-                              f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
+                note(f"step {step}: train loss {last['train_loss']:.4f}, "
+                     f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
             _log(metrics_path, last)
             if step % tcfg.save_every == 0 or step == total_steps or reached or stop.signal:
                 ckpt.save(step, state, {**meta, "data_position": step})
             if reached:
-                bar.write(f"validation loss {last['val_loss']:.4f} reached the target {target}")
+                note(f"validation loss {last['val_loss']:.4f} reached the target {target}")
                 break
             if stop.signal:
                 ckpt.wait()

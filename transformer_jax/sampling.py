@@ -29,14 +29,31 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    mass_before_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1) - jax.nn.softmax(
-        sorted_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
     # Keep each token whose predecessors' mass is still below top_p (the first always).
     keep_BxV = (mass_before_BxV < top_p) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
     cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
     sampled_B = jax.random.categorical(rng, logits_BxV, axis=-1)
     return jnp.where(temperature == 0, greedy_B, sampled_B)
+
+
+def check_arguments(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    num_samples: int, vocab_size: int | None = None) -> None:
+    """Raise ValueError naming the first sampling argument out of range (`vocab_size` None:
+    no upper bound on top_k)."""
+    rules = (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "must not be negative"),
+        ("temperature", temperature, temperature >= 0, "must not be negative"),
+        ("top_k", top_k, 0 <= top_k <= (vocab_size or top_k),
+         "must be between 0 (all) and the vocabulary size"),
+        ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1]"),
+        ("num_samples", num_samples, num_samples >= 1, "must be at least 1"),
+    )
+    for name, value, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}={value} {rule}")
 
 
 def _with_index(cache: dict, index) -> dict:
@@ -99,11 +116,8 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
     prompt = np.asarray(prompt_ids, dtype=np.int32)
     if prompt.ndim != 1 or len(prompt) == 0:
         raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
-    if not 0 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 0 and the vocabulary size")
-    if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 0:
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, num_samples >= 1 and "
-                         "max_new_tokens >= 0")
+    check_arguments(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, num_samples=num_samples, vocab_size=model.config.vocab_size)
     if len(prompt) > W:
         prompt = prompt[-max(W // 2, 1):]
     context = np.zeros((num_samples, W), np.int32)
