@@ -216,7 +216,7 @@ def test_gather_returns_source_slices():
     source = np.arange(100, 160, dtype=np.uint8)
     starts = np.array([[0, 5, 53], [10, 40, 1]], dtype=np.int32)
     got = np.asarray(data.gather(jnp.asarray(source), jnp.asarray(starts), 7))
-    assert got.shape == (2, 3, 7) and got.dtype == np.int32
+    assert got.shape == (2, 3, 7) and got.dtype == np.uint8
     for i in range(2):
         for j in range(3):
             s = starts[i, j]

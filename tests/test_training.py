@@ -70,7 +70,8 @@ def test_token_losses_equals_numpy_cross_entropy_ignoring_pad_targets():
     targets[0, 3:] = pad
     targets[2, :] = pad
     targets[1, 0] = pad
-    total, count = training.token_losses(jnp.asarray(logits), jnp.asarray(targets), pad)
+    total, count = training.token_losses(jnp.asarray(logits), jnp.asarray(targets),
+                                         jnp.asarray(targets) != pad)
     ref_total, ref_count = np_token_nll_sum(logits, targets, pad)
     assert float(count) == ref_count == B * T - 2 - 5 - 1
     np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
@@ -82,8 +83,8 @@ def test_token_losses_ignores_logits_at_pad_targets():
     targets = np.array([[0, 1, 4, 4], [2, 4, 3, 4]])
     wild = logits.copy()
     wild[targets == 4] = rng.normal(scale=100.0, size=wild[targets == 4].shape)
-    a = training.token_losses(jnp.asarray(logits), jnp.asarray(targets), 4)
-    b = training.token_losses(jnp.asarray(wild), jnp.asarray(targets), 4)
+    a = training.token_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(targets) != 4)
+    b = training.token_losses(jnp.asarray(wild), jnp.asarray(targets), jnp.asarray(targets) != 4)
     assert float(a[0]) == float(b[0]) and float(a[1]) == float(b[1]) == 4
 
 

@@ -20,7 +20,10 @@ from transformer_jax.errors import RunStopped, UserError
 
 _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
-            "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN}
+            "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN,
+            "finetune": config_lib.FINETUNES}
+# Model flags that a pretrained --init still takes (its config.json fixes the others).
+_PRETRAINED_MODEL_FLAGS = ("dropout", "dtype")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,7 +83,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=_Help,
-        description="Train a character-level causal transformer; rerun to resume.")
+        description="Train a character-level causal transformer from scratch, or fine-tune a "
+        "pretrained GPT-2 (--init); rerun to resume.")
     p.add_argument("--data", help="UTF-8 text file or directory of .txt files "
                    "(default: Shakespeare's plays, downloaded on first use)")
     p.add_argument("--run-dir", default="runs/default",
@@ -130,11 +134,16 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
         config = config_lib.preset(args.preset)
         if args.config:
             config = config.replace(**_read_config_file(args.config))
-        return config.replace(**flags)
+        config = config.replace(**flags)
     except ValueError as e:
         name = str(e).split("=")[0].split()[-1]
         flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
         raise UserError(f"{flag}: {e}") from None
+    shape = [k for k in flags if k in config_lib.MODEL_FIELDS and k not in _PRETRAINED_MODEL_FLAGS]
+    if config.train.init != "scratch" and shape:
+        raise UserError(f"--{shape[0].replace('_', '-')} does not apply with --init "
+                        f"{config.train.init}: the pretrained model's config.json fixes its shape")
+    return config
 
 
 def _train(argv: list[str] | None) -> None:
@@ -170,10 +179,13 @@ def sample_parser() -> argparse.ArgumentParser:
         prog="sample.py", formatter_class=_Help,
         description="Print text sampled from a trained run: the prompt, then its continuation.")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
+    p.add_argument("--model", help="sample from this pretrained GPT-2 as it is instead of a run: "
+                   "a Hugging Face hub name (gpt2, ...) or a local directory in its layout")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (empty: start symbol)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
+    p.add_argument("--max-new-tokens", type=int, default=500,
+                   help="tokens to generate (characters, or GPT-2 tokens)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature; 0 is greedy (always the likeliest character)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
@@ -205,7 +217,13 @@ def _sample(argv: list[str] | None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
                             f"({e.__class__.__name__})") from None
-    config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
+    if args.model:
+        from transformer_jax import gpt2
+
+        model, params, tokenizer = gpt2.from_pretrained(args.model)
+        config = config_lib.Config(model=model.config)
+    else:
+        config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
     samples = sampling.complete(config, tokenizer, params, prompt,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 temperature=args.temperature,

@@ -7,6 +7,7 @@ field from it, and config files and checkpoints store the same fields as flat JS
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16", "float64")
 BATCHINGS = ("random", "stream")
 ON_NAN = ("stop", "skip")
+FINETUNES = ("head", "full")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -51,6 +53,8 @@ class TransformerConfig:
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches")
     layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm")
     dtype: str = _f("float32", "compute dtype; parameters stay float32: float32, bfloat16, float64")
+    head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
+                        "set by transfer learning, not a flag", flag=False)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:
@@ -64,10 +68,17 @@ class TransformerConfig:
         _one_of(self, "dtype", DTYPES)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.head_size < 0 or (self.head_size and self.tie_embeddings):
+            raise ValueError(f"head_size={self.head_size} needs an untied prediction layer")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.heads
+
+    @property
+    def outputs(self) -> int:
+        """Logits per position: the head size, or the vocabulary."""
+        return self.head_size or self.vocab_size
 
 
 @dataclass(frozen=True)
@@ -101,13 +112,38 @@ class TrainConfig:
     on_nan: str = _f("stop", "on a non-finite loss or gradient: stop (the last good checkpoint "
                      "is kept) or skip that step's update")
     val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation")
+    split_docs: str | None = _f(None, "cut the corpus into documents with this regular "
+                                "expression: its matches' first group if it has one (e.g. "
+                                "'<body>(.*?)</body>'), else the text between matches; each "
+                                "training window then lies inside one random document")
+    min_len: int = _f(2, "with --split-docs: skip documents shorter than this many tokens")
+    init: str = _f("scratch", "scratch (random initialisation), or the pretrained GPT-2 to "
+                   "start from: a Hugging Face hub name (gpt2, gpt2-medium, ...) or a local "
+                   "directory in its layout; the model's shape then comes from its config.json")
+    finetune: str = _f("head", "with a pretrained --init: head trains only a new prediction "
+                       "layer over the corpus's tokens on the frozen trunk; full trains every "
+                       "parameter")
     seed: int = _f(0, "random seed for initialisation, batches and dropout")
 
     def __post_init__(self) -> None:
         _one_of(self, "batching", BATCHINGS)
         _one_of(self, "on_nan", ON_NAN)
+        _one_of(self, "finetune", FINETUNES)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
                   "keep", "steps_per_call", "micro_batches")
+        if self.min_len < 2:
+            raise ValueError(f"min_len={self.min_len} must be at least 2 (a document needs a "
+                             "token to predict)")
+        if self.split_docs is not None:
+            if self.batching != "random":
+                raise ValueError("split_docs needs batching 'random' (windows from documents)")
+            try:
+                re.compile(self.split_docs)
+            except re.error as e:
+                raise ValueError(f"split_docs={self.split_docs!r} is not a regular expression "
+                                 f"({e})") from None
+        if self.init != "scratch" and self.batching != "random":
+            raise ValueError(f"init={self.init!r} needs batching 'random'")
         for name in ("steps", "epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:

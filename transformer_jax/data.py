@@ -1,17 +1,21 @@
-"""Corpus reading, the train/validation split and the two batchings.
+"""Corpus reading, the train/validation split, documents and the two batchings.
 
 A training set is one flat array of token ids plus, per step, the start offsets of its rows:
-`random` rows are nanoGPT's raw windows at random offsets; `stream` rows are the lecture's
-`createdata` pieces (start symbol, seq_len characters, end symbol, padding), laid end to end so
-that the same gather serves both. Batches are a pure function of (seed, step), so a resumed run
-sees exactly the batches an uninterrupted one would.
+`random` rows are nanoGPT's raw windows at random offsets (with `--split-docs`, the lecture's
+`createbatch`: a window at a random offset inside a random document); `stream` rows are the
+lecture's `createdata` pieces (start symbol, seq_len characters, end symbol, padding), laid end
+to end so that the same gather serves both. Batches are a pure function of (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,37 +56,83 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Batches:
-    """Rows of `row_len` tokens gathered from one flat `source` array of ids."""
+    """Rows of `row_len` positions gathered from `source`, an (N, ...) array or a pytree of them.
 
-    source: np.ndarray  # (N,) token ids
+    `random` rows start at random offsets, or, given `docs`, at a random offset inside a random
+    document; `stream` rows are read in order.
+    """
+
+    source: Any
     row_len: int
     batch_size: int
     batching: str
     seed: int
+    docs: np.ndarray | None = None  # (D, 2) start and length in `source` of each document
+    predicts_last: bool = False  # True: every position is a target (else the last is only one)
 
     @property
     def tokens_per_step(self) -> int:
-        """Predicted positions per batch (each row's last token is only a target)."""
-        return self.batch_size * (self.row_len - 1)
+        """Predicted positions per full batch."""
+        return self.batch_size * (self.row_len - (0 if self.predicts_last else 1))
+
+    @property
+    def length(self) -> int:
+        return len(jax.tree.leaves(self.source)[0])
 
     @property
     def steps_per_epoch(self) -> int:
         """Stream batching: batches in one pass over the text (random: windows per pass)."""
-        return max(1, len(self.source) // (self.row_len * self.batch_size))
+        return max(1, self.length // (self.row_len * self.batch_size))
 
     def starts(self, step: int, n: int) -> np.ndarray:
         """Start offsets into `source` of the rows of steps [step, step + n): (n, batch_size)."""
         if self.batching == "stream":
             rows = np.arange(step, step + n)[:, None] % self.steps_per_epoch * self.batch_size
             return ((rows + np.arange(self.batch_size)) * self.row_len).astype(np.int32)
-        high = len(self.source) - self.row_len + 1
-        return np.stack([np.random.default_rng([self.seed, s]).integers(0, high, self.batch_size)
-                         for s in range(step, step + n)]).astype(np.int32)
+        out = np.empty((n, self.batch_size), np.int64)
+        for i, s in enumerate(range(step, step + n)):
+            rng = np.random.default_rng([self.seed, s])
+            if self.docs is None:
+                out[i] = rng.integers(0, self.length - self.row_len + 1, self.batch_size)
+            else:
+                doc_start, doc_len = self.docs[rng.integers(0, len(self.docs), self.batch_size)].T
+                out[i] = doc_start + rng.integers(0, np.maximum(doc_len - self.row_len, 0) + 1)
+        return out.astype(np.int32)
 
 
-def gather(source_N: jnp.ndarray, starts: jnp.ndarray, row_len: int) -> jnp.ndarray:
-    """Rows source[s : s + row_len] for every start: (...,) int -> (..., row_len) int32."""
-    return source_N[starts[..., None] + jnp.arange(row_len)].astype(jnp.int32)
+def gather(source, starts: jnp.ndarray, row_len: int):
+    """Rows source[s : s + row_len] for every start: (...,) int -> (..., row_len, ...) for each
+    array of the `source` pytree."""
+    index = starts[..., None] + jnp.arange(row_len)
+    return jax.tree.map(lambda s: s[index], source)
+
+
+def split_documents(text: str, pattern: str) -> list[str]:
+    """The documents of `text`: the first group of each match of `pattern` if it has a group,
+    else the pieces between matches; blank ones dropped (`.` matches newlines too)."""
+    regex = re.compile(pattern, re.DOTALL)
+    if regex.groups:
+        pieces = [m.group(1) or "" for m in regex.finditer(text)]
+    else:
+        pieces = regex.split(text)
+    return [p for p in pieces if p.strip()]
+
+
+def document_source(docs: list[np.ndarray], pad_id: int, row_len: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Documents laid end to end, each followed by row_len - 1 pads, so that a row starting
+    inside a document reads pads, never the next document, past its end.
+
+    Returns:
+      (source (N,), docs (D, 2) start and length of each document).
+    """
+    lengths = np.array([len(d) for d in docs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths + row_len - 1)[:-1]]).astype(np.int64)
+    dtype = np.result_type(*docs) if docs else np.int32
+    source = np.full(int(lengths.sum()) + len(docs) * (row_len - 1), pad_id, dtype)
+    for start, doc in zip(starts, docs):
+        source[start:start + len(doc)] = doc
+    return source, np.stack([starts, lengths], axis=1)
 
 
 def stream_rows(tokenizer: CharTokenizer, text: str, seq_len: int, streams: int,
@@ -110,10 +160,19 @@ def stream_rows(tokenizer: CharTokenizer, text: str, seq_len: int, streams: int,
     return out
 
 
-def train_batches(tokenizer: CharTokenizer, text: str, cfg: TrainConfig,
-                  row_multiple: int = 1) -> Batches:
+def documents(tokenizer, text: str, cfg: TrainConfig) -> list[np.ndarray]:
+    """`text` as id arrays: one per document of at least `min_len` tokens under `split_docs`,
+    else the whole text as one."""
+    encode = lambda t: np.asarray(tokenizer.encode(t))
+    if cfg.split_docs is None:
+        return [encode(text)]
+    return [ids for ids in map(encode, split_documents(text, cfg.split_docs))
+            if len(ids) >= cfg.min_len]
+
+
+def train_batches(tokenizer, text: str, cfg: TrainConfig, row_multiple: int = 1) -> Batches:
     """The training rows of `text` under `cfg`'s batching; rows per batch are a multiple of
-    `row_multiple` (data devices x micro-batches)."""
+    `row_multiple` (data devices x micro-batches). `tokenizer` needs `encode` and `pad_id`."""
     if cfg.batching == "stream":
         rows = stream_rows(tokenizer, text, cfg.seq_len, cfg.streams, row_multiple)
         if not (rows[:, :, 2] != tokenizer.pad_id).any(axis=1).all():
@@ -123,29 +182,41 @@ def train_batches(tokenizer: CharTokenizer, text: str, cfg: TrainConfig,
     if cfg.batch_size % row_multiple:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by {row_multiple} "
                         f"(data-parallel devices x --micro-batches {cfg.micro_batches})")
-    if len(text) < cfg.tokens_per_sequence:
-        raise UserError(f"the training text ({len(text)} characters) is shorter than one "
+    docs = documents(tokenizer, text, cfg)
+    if cfg.split_docs is not None:
+        if not docs:
+            raise UserError(f"--split-docs {cfg.split_docs!r} finds no training document of "
+                            f"--min-len {cfg.min_len} tokens or more")
+        source, spans = document_source(docs, tokenizer.pad_id, cfg.tokens_per_sequence)
+        return Batches(source, cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed,
+                       docs=spans)
+    if len(docs[0]) < cfg.tokens_per_sequence:
+        raise UserError(f"the training text ({len(docs[0])} tokens) is shorter than one "
                         f"sequence ({cfg.tokens_per_sequence}); lower --seq-len or add text")
-    return Batches(tokenizer.encode(text), cfg.tokens_per_sequence, cfg.batch_size, "random",
-                   cfg.seed)
+    return Batches(docs[0], cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed)
 
 
-def eval_rows(tokenizer: CharTokenizer, text: str, cfg: TrainConfig) -> np.ndarray:
+def eval_rows(tokenizer, text: str, cfg: TrainConfig) -> np.ndarray:
     """Every validation row once, (N, row_len): stream pieces, or for random batching all
-    non-overlapping windows (each character is predicted exactly once)."""
+    non-overlapping windows of each document (each token is predicted exactly once)."""
     if cfg.batching == "stream":
         return stream_rows(tokenizer, text, cfg.seq_len, 1)[0]
-    ids = tokenizer.encode(text)
-    if len(ids) < cfg.tokens_per_sequence:
-        raise UserError(f"the validation text ({len(text)} characters) is shorter than one "
-                        f"sequence ({cfg.tokens_per_sequence}); lower --seq-len or "
-                        "raise --val-fraction")
-    # ceil: the last window holds the tail, padded (pad targets are ignored).
-    n = -(-(len(ids) - 1) // cfg.seq_len)
-    padded = np.full(n * cfg.seq_len + 1, tokenizer.pad_id, dtype=ids.dtype)
+    docs = documents(tokenizer, text, cfg)
+    if sum(map(len, docs)) < cfg.tokens_per_sequence:
+        raise UserError(f"the validation text ({sum(map(len, docs))} tokens) is shorter than "
+                        f"one sequence ({cfg.tokens_per_sequence}); lower --seq-len or raise "
+                        "--val-fraction")
+    return np.concatenate([windows(ids, cfg.seq_len, tokenizer.pad_id) for ids in docs])
+
+
+def windows(ids: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
+    """Non-overlapping rows of seq_len + 1 ids covering every target of `ids` once (a row's
+    last id is the next row's first), the last row padded: (ceil((len - 1) / seq_len), seq_len
+    + 1)."""
+    n = -(-(len(ids) - 1) // seq_len)
+    padded = np.full(n * seq_len + 1, pad_id, dtype=ids.dtype)
     padded[:len(ids)] = ids
-    starts = np.arange(n) * cfg.seq_len
-    return padded[starts[:, None] + np.arange(cfg.tokens_per_sequence)]
+    return padded[(np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)]
 
 
 def pad_rows(rows: np.ndarray, multiple: int, pad_id: int) -> np.ndarray:

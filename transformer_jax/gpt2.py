@@ -65,7 +65,12 @@ def _need(module: str):
 
 
 class BPETokenizer:
-    """GPT-2's byte-level BPE: any text to ids and back, losslessly; `<|endoftext|>` special."""
+    """GPT-2's byte-level BPE: any text to ids and back, losslessly; `<|endoftext|>` special.
+
+    Speaks the character tokenizer's language where training and sampling need it: the start
+    symbol is `<|endoftext|>`, no text is unknown, and the pad id lies just past the vocabulary
+    (it only marks positions that are neither attended nor predicted).
+    """
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer  # a tokenizers.Tokenizer
@@ -91,11 +96,24 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    @property
+    def start_id(self) -> int:
+        eot = self._tokenizer.token_to_id(END_OF_TEXT)
+        return self.vocab_size - 1 if eot is None else eot
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return []  # byte-level: every text has ids
+
+    def encode(self, text: str, add_start: bool = False) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.start_id] + ids if add_start else ids
+
+    def decode(self, ids, skip_specials: bool = False) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_specials)
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:
@@ -181,6 +199,16 @@ def _snapshot(repo_id: str) -> Path:
                         ) from None
 
 
+def locate(name_or_path: str | os.PathLike) -> Path:
+    """The directory of a GPT-2: a local path as it is, a hub name in the Hugging Face cache
+    (downloaded first if need be)."""
+    local = Path(name_or_path).expanduser()
+    directory = local if local.exists() else _snapshot(str(name_or_path))
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    return directory
+
+
 def from_pretrained(name_or_path: str | os.PathLike) -> tuple[Transformer, dict, BPETokenizer]:
     """GPT-2 from a local directory in Hugging Face layout or a hub name (`gpt2`, `gpt2-medium`).
 
@@ -191,10 +219,7 @@ def from_pretrained(name_or_path: str | os.PathLike) -> tuple[Transformer, dict,
       (model, params, tokenizer): `model.apply({"params": params}, ids_BxT)` gives float32
       logits (B, T, V); `tokenizer.encode(str) -> list[int]`, `tokenizer.decode(ids) -> str`.
     """
-    local = Path(name_or_path).expanduser()
-    directory = local if local.exists() else _snapshot(str(name_or_path))
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory")
+    directory = locate(name_or_path)
     config_path, weights = directory / "config.json", directory / "model.safetensors"
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))

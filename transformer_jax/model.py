@@ -169,7 +169,7 @@ class Trunk(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal language model: token ids (B, T) -> float32 logits (B, T, V)."""
+    """Causal language model: token ids (B, T) -> float32 logits (B, T, V) (V: `outputs`)."""
 
     config: TransformerConfig
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BxTxV = h_BxTxD.astype(_dtype(cfg)) @ embed.embedding.astype(_dtype(cfg)).T
         else:
-            logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=_dtype(cfg), kernel_init=_INIT,
+            logits_BxTxV = nn.Dense(cfg.outputs, dtype=_dtype(cfg), kernel_init=_INIT,
                                     name="head")(h_BxTxD)
         return logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
 
@@ -230,5 +230,5 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     per_layer = 3 * d * d + 3 * d + d * d + d + 2 * d * config.d_ff + config.d_ff + d + 4 * d
     n = L * per_layer + (2 * d if config.norm == "pre" else 0)
     if not config.tie_embeddings:
-        n += config.vocab_size  # the untied head's bias; its weights are the d V term
-    return 6.0 * (n + d * config.vocab_size) + 12.0 * L * seq_len * d
+        n += config.outputs  # the untied head's bias; its weights are the d V term
+    return 6.0 * (n + d * config.outputs) + 12.0 * L * seq_len * d

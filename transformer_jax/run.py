@@ -13,9 +13,9 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,29 +33,55 @@ from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_spec
 # Fields that fix what a checkpoint's parameters and data order mean: they must not change on
 # resume. Everything else (learning rate, step count, intervals, dropout) may.
 FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
-                   "positions", "max_len", "tie_embeddings", "layer_norm_eps", "batching",
-                   "seq_len", "batch_size", "streams", "val_fraction", "seed")
+                   "positions", "max_len", "tie_embeddings", "layer_norm_eps", "head_size",
+                   "batching", "seq_len", "batch_size", "streams", "val_fraction", "split_docs",
+                   "min_len", "init", "finetune", "seed")
+# What differs when another key of the metadata differs.
+_META_NAMES = {"tokenizer": "a corpus with another vocabulary",
+               "base": "another pretrained model", "tokens": "a corpus with other tokens"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run trains, everything but the loop: built by `char_task`, `transfer.task`, ...
+
+    `loss(train)` is the loss function in training or evaluation mode; `init_params()` returns
+    fresh trained parameters; `val_rows` is every validation row as (N, B,
+    S, ...) batches; `meta` (JSON) identifies the model and data and is saved with every
+    checkpoint.
+    """
+
+    config: Config
+    loss: Callable[[bool], training.LossFn]
+    init_params: Callable[[], Any]
+    batches: data.Batches
+    val_rows: Any
+    meta: dict
+    unit: str = "char"
 
 
 def _flat(config: Config) -> dict[str, Any]:
     return {**asdict(config.model), **asdict(config.train)}
 
 
-def check_resumable(saved: Config, wanted: Config, saved_tok: dict, wanted_tok: dict,
-                    where: str) -> None:
-    """Raise UserError naming the first field (or the vocabulary) that differs."""
-    a, b = _flat(saved), _flat(wanted)
+def check_resumable(saved: dict, wanted: dict, where: str) -> None:
+    """Raise UserError naming the first setting (or metadata entry) in which checkpoint
+    metadata `saved` differs from `wanted`'s."""
+    a, b = _flat(Config.from_dict(saved["config"])), _flat(Config.from_dict(wanted["config"]))
     for name in FIXED_ON_RESUME:
         if a[name] != b[name]:
             raise UserError(f"{where} was trained with {name}={a[name]!r}, not {b[name]!r}; "
                             "use the same setting, another --run-dir, or --fresh")
-    if saved_tok != wanted_tok:
-        raise UserError(f"{where} was trained on a corpus with another vocabulary; use the same "
-                        "--data, another --run-dir, or --fresh")
+    for key in wanted.keys() - {"config"}:
+        if saved.get(key) != wanted[key]:
+            raise UserError(f"{where} was trained on {_META_NAMES.get(key, 'another ' + key)}; "
+                            "use the same --data, another --run-dir, or --fresh")
 
 
-def load_for_sampling(run_dir: str | Path) -> tuple[Config, CharTokenizer, Any, int]:
-    """(config, tokenizer, params, step) of the newest checkpoint in `run_dir`."""
+def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, int]:
+    """(config, tokenizer, params, step) of the newest checkpoint in `run_dir`, ready for
+    `sampling.complete` (a transfer-learning run's head is mapped back to the whole vocabulary).
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run directory {run_dir} holds no checkpoint; train one with "
@@ -67,30 +93,23 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, CharTokenizer, Any, 
             raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
         meta = ckpt.meta(step)
         config = Config.from_dict(meta["config"])
+        if config.train.init != "scratch":
+            from transformer_jax import transfer
+
+            return (*transfer.for_sampling(config, meta, lambda shapes: ckpt.restore_params(
+                step, shapes)), step)
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
         return config, tokenizer, ckpt.restore_params(step, param_shapes(config.model)), step
     finally:
         ckpt.close()
 
 
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
-          fresh: bool = False, devices=None, quiet: bool = False,
-          resume_command: str = "the same command", resume_from: str = "latest") -> dict:
-    """Train `config` on `text` in `run_dir`, resuming from its newest checkpoint.
+def char_task(config: Config, text: str, n_dev: int, *, tokenizer: CharTokenizer | None = None,
+              say=print) -> Task:
+    """The lecture's first experiment: a character model trained from scratch on `text`.
 
     `config.model.vocab_size` is set from the tokenizer (built from `text` unless given).
-    `resume_from="last-good"` skips unreadable newest checkpoints (see `_resume`).
-    SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
-    checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
-    leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
     """
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    run_dir = Path(run_dir)
     if tokenizer is None:
         specials = free_specials(text)
         if specials != DEFAULT_SPECIALS:
@@ -102,37 +121,84 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     if tcfg.tokens_per_sequence - 1 > cfg.max_len:
         raise UserError(f"--seq-len {tcfg.seq_len} gives {tcfg.tokens_per_sequence - 1} input "
                         f"tokens per row, more than --max-len {cfg.max_len}; raise --max-len")
-    total_steps = tcfg.total_steps()
-    if total_steps <= 0:
-        raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
-
-    mesh = training.data_mesh(devices)
-    n_dev = mesh.devices.size
-    batches, val_rows = _datasets(tokenizer, text, tcfg, n_dev)
-
+    batches, val_rows = datasets(tokenizer, text, tcfg, n_dev)
     model = Transformer(cfg)
+    return Task(config, lambda train: training.lm_loss(model, tokenizer.pad_id, train=train),
+                lambda: init_params(cfg, jax.random.PRNGKey(tcfg.seed)), batches, val_rows,
+                {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()})
+
+
+def datasets(tokenizer, text: str, tcfg, n_dev: int) -> tuple[data.Batches, np.ndarray]:
+    """Training batches, and every validation row as (N, B, S) batches for n_dev devices."""
+    train_text, val_text = data.split_text(text, tcfg.val_fraction)
+    batches = data.train_batches(tokenizer, train_text, tcfg,
+                                 row_multiple=n_dev * tcfg.micro_batches)
+    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
+    val_rows = data.pad_rows(data.eval_rows(tokenizer, val_text, tcfg), eval_batch,
+                             tokenizer.pad_id)
+    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
+          fresh: bool = False, devices=None, quiet: bool = False,
+          resume_command: str = "the same command", resume_from: str = "latest") -> dict:
+    """Train on `text` in `run_dir`, resuming from its newest checkpoint: a character model
+    from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it.
+
+    See `fit` for resuming, stopping and the result.
+    """
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if config.train.total_steps() <= 0:
+        raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
+    mesh = training.data_mesh(devices)
+    if config.train.init == "scratch":
+        task = char_task(config, text, mesh.devices.size, tokenizer=tokenizer, say=say)
+    else:
+        from transformer_jax import transfer
+
+        task = transfer.task(config, text, mesh, say=say, quiet=quiet)
+    return fit(task, run_dir, mesh, fresh=fresh, quiet=quiet, resume_command=resume_command,
+               resume_from=resume_from)
+
+
+def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bool = False,
+        resume_command: str = "the same command", resume_from: str = "latest") -> dict:
+    """Train `task` in `run_dir` on the devices of `mesh`, resuming from its newest checkpoint.
+
+    `resume_from="last-good"` skips unreadable newest checkpoints (see `_resume`).
+    SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
+    checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
+    leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
+    """
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    run_dir, config, batches = Path(run_dir), task.config, task.batches
+    tcfg = config.train
+    total_steps = tcfg.total_steps()
     tx = training.optimizer(tcfg)
     replicated = NamedSharding(mesh, P())
-    make_state = lambda: training.init_state(init_params(cfg, jax.random.PRNGKey(tcfg.seed)), tcfg)
+    make_state = lambda params: training.init_state(params, tcfg)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            jax.eval_shape(make_state))
+                            jax.eval_shape(lambda: make_state(task.init_params())))
 
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     _check_writable(run_dir)
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
-    meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()}
     try:
-        state, start = _resume(ckpt, config, meta["tokenizer"], abstract, run_dir,
-                               resume_from, say)
+        state, start = _resume(ckpt, task.meta, abstract, run_dir, resume_from, say)
     except UserError:
         ckpt.close()
         raise
     if start:
         say(f"resuming from step {start}")
     else:
-        state = jax.jit(make_state, out_shardings=replicated)()
+        state = jax.jit(make_state, out_shardings=replicated)(task.init_params())
     if start >= total_steps:
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
             f"of {total_steps}; give a larger --steps to continue")
@@ -140,15 +206,15 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
         return {"step": start}
 
     say(json.dumps(config.to_dict()))
-    say(f"parameters: {count_params(state.params):,}  devices: {n_dev} x "
-        f"{mesh.devices.flat[0].platform}  tokens/step: {batches.tokens_per_step:,}")
-    chunk_fn = training.compile_train_chunk(mesh, training.lm_loss(model, tokenizer.pad_id), tx,
-                                            batches.row_len, tcfg.micro_batches)
-    eval_fn = training.compile_evaluate(mesh, training.lm_loss(model, tokenizer.pad_id,
-                                                               train=False))
+    say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
+        f"{mesh.devices.flat[0].platform}  {task.unit}s/step: {batches.tokens_per_step:,}")
+    chunk_fn = training.compile_train_chunk(mesh, task.loss(True), tx, batches.row_len,
+                                            tcfg.micro_batches)
+    eval_fn = training.compile_evaluate(mesh, task.loss(False))
     source = jax.device_put(batches.source, replicated)
-    val_all = jax.device_put(val_rows, NamedSharding(mesh, P(None, "data", None)))
-    val_some = val_all[:tcfg.eval_batches] if tcfg.eval_batches else val_all
+    val_all = jax.device_put(task.val_rows, NamedSharding(mesh, P(None, "data")))
+    val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
+                else val_all)
     schedule = training.learning_rate(tcfg)
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -191,10 +257,10 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
                     reached = ev["loss"] <= target
                 last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
                 note(f"step {step}: train loss {last['train_loss']:.4f}, "
-                     f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/char)")
+                     f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/{task.unit})")
             _log(metrics_path, last)
             if step % tcfg.save_every == 0 or step == total_steps or reached or stop.signal:
-                ckpt.save(step, state, {**meta, "data_position": step})
+                ckpt.save(step, state, {**task.meta, "data_position": step})
             if reached:
                 note(f"validation loss {last['val_loss']:.4f} reached the target {target}")
                 break
@@ -211,20 +277,7 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     return last
 
 
-def _datasets(tokenizer: CharTokenizer, text: str, tcfg, n_dev: int
-              ) -> tuple[data.Batches, np.ndarray]:
-    """Training batches, and every validation row as (N, B, S) batches for n_dev devices."""
-    train_text, val_text = data.split_text(text, tcfg.val_fraction)
-    batches = data.train_batches(tokenizer, train_text, tcfg,
-                                 row_multiple=n_dev * tcfg.micro_batches)
-    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
-    val_rows = data.pad_rows(data.eval_rows(tokenizer, val_text, tcfg), eval_batch,
-                             tokenizer.pad_id)
-    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
-
-
-def _resume(ckpt: RunCheckpoints, config: Config, tokenizer: dict, abstract, run_dir: Path,
-            resume_from: str, say):
+def _resume(ckpt: RunCheckpoints, meta: dict, abstract, run_dir: Path, resume_from: str, say):
     """(restored state, its step) from the newest checkpoint, or (None, 0) when there is none.
 
     An unreadable newest step is an error, unless `resume_from` is "last-good": then each
@@ -233,9 +286,7 @@ def _resume(ckpt: RunCheckpoints, config: Config, tokenizer: dict, abstract, run
     """
     for step in ckpt.steps():
         try:
-            saved = ckpt.meta(step)
-            check_resumable(Config.from_dict(saved["config"]), config, saved["tokenizer"],
-                            tokenizer, f"run directory {run_dir}")
+            check_resumable(ckpt.meta(step), meta, f"run directory {run_dir}")
             return ckpt.restore(step, abstract), step
         except UnreadableCheckpoint as e:
             if resume_from != "last-good":

@@ -71,35 +71,41 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int
+def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over non-pad targets, and how many there are.
+    """Summed cross-entropy of the targets where `mask_BxT` is true, and how many there are.
 
     Returns:
-      (loss_sum, count), float32 scalars.
+      (loss_sum, count), float32 (or wider) scalars.
     """
     logits_BxTxV = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    mask_BxT = targets_BxT != pad_id
     return (jnp.sum(jnp.where(mask_BxT, nll_BxT, 0.0)),
             jnp.sum(mask_BxT).astype(logp_BxTxV.dtype))
 
 
-def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True) -> LossFn:
+def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True,
+            target_ids: np.ndarray | None = None) -> LossFn:
     """The lecture's loss: cross-entropy of each next token given the ones before.
 
     The returned function maps (params, rows_BxS, rng) to (loss_sum, count): rows are input and
     target at once (inputs rows[:, :-1], targets rows[:, 1:]); pad targets are not counted and
-    pad inputs are never attended. Sums rather than means, so that micro-batches and devices
-    add up to exactly the mean over the whole batch.
+    pad inputs are never attended (a pad id outside the embedding is fine). `target_ids` maps
+    token ids to output indices (a head over part of the vocabulary). Sums rather than means,
+    so that micro-batches and devices add up to exactly the mean over the whole batch.
     """
 
     def loss(params, rows_BxS, rng):
+        rows_BxS = rows_BxS.astype(jnp.int32)
         inputs_BxT, targets_BxT = rows_BxS[:, :-1], rows_BxS[:, 1:]
-        logits = model.apply({"params": params}, inputs_BxT, inputs_BxT != pad_id,
+        valid_BxT = inputs_BxT != pad_id
+        logits = model.apply({"params": params}, jnp.where(valid_BxT, inputs_BxT, 0), valid_BxT,
                              train=train, rngs={"dropout": rng})
-        return token_losses(logits, targets_BxT, pad_id)
+        mask_BxT = targets_BxT != pad_id
+        if target_ids is not None:
+            targets_BxT = jnp.asarray(target_ids)[jnp.where(mask_BxT, targets_BxT, 0)]
+        return token_losses(logits, targets_BxT, mask_BxT)
 
     return loss
 
@@ -122,8 +128,8 @@ def loss_and_grads(loss_fn: LossFn, params: Any, rows_BxS: jax.Array, rng: jax.A
     if micro_batches == 1:
         (total, count), grads = grad_fn(params, rows_BxS, rng)
     else:
-        B, S = rows_BxS.shape
-        rows_MxbxS = rows_BxS.reshape(B // micro_batches, micro_batches, S).swapaxes(0, 1)
+        rows_MxbxS = jax.tree.map(lambda r: r.reshape(-1, micro_batches, *r.shape[1:])
+                                  .swapaxes(0, 1), rows_BxS)
 
         def accumulate(carry, xs):
             rows_bxS, i = xs
@@ -166,18 +172,18 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
                         micro_batches: int = 1):
     """A jit-compiled function running len(starts) steps in one call (`lax.scan`).
 
-    (state, source_N, starts_KxB) -> (state, metrics of shape (K,)). The batches are gathered
-    on device from the replicated token array; their rows are split across the mesh. The old
-    state is donated, so parameters are updated in place.
+    (state, source, starts_KxB) -> (state, metrics of shape (K,)). The batches are gathered
+    on device from the replicated `source` (an (N, ...) array or a pytree of them); their rows
+    are split across the mesh. The old state is donated, so parameters are updated in place.
     """
     replicated = NamedSharding(mesh, P())
     rows_sharding = NamedSharding(mesh, P("data", None))
     step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, micro_batches=micro_batches)
 
-    def chunk(state, source_N, starts_KxB):
+    def chunk(state, source, starts_KxB):
         def body(state, starts_B):
             rows_BxS = jax.lax.with_sharding_constraint(
-                gather(source_N, starts_B, row_len), rows_sharding)
+                gather(source, starts_B, row_len), rows_sharding)
             return step(state, rows_BxS)
 
         return jax.lax.scan(body, state, starts_KxB)
@@ -188,14 +194,13 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
 
 
 def compile_evaluate(mesh, loss_fn: LossFn):
-    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows, for an
-    evaluation-mode loss such as `lm_loss(model, pad_id, train=False)`."""
+    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows (a pytree
+    of such arrays), for an evaluation-mode loss such as `lm_loss(model, pad_id, train=False)`."""
     rows_sharding = NamedSharding(mesh, P(None, "data", None))
 
     def evaluate(params, rows_NxBxS):
         rng = jax.random.PRNGKey(0)  # unused: no dropout in evaluation mode
-        sums, counts = jax.lax.map(lambda rows: loss_fn(params, rows, rng),
-                                   rows_NxBxS.astype(jnp.int32))
+        sums, counts = jax.lax.map(lambda rows: loss_fn(params, rows, rng), rows_NxBxS)
         return jnp.sum(sums), jnp.sum(counts)
 
     return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), rows_sharding))
