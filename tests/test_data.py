@@ -308,6 +308,56 @@ def test_stream_text_too_short_for_streams_raises_user_error():
                            TrainConfig(batching="stream", seq_len=4, streams=5))
 
 
+# --- documents (--split-docs): the lecture's createbatch ----------------------------------------
+
+
+def test_split_documents_takes_a_group_or_the_text_between_matches():
+    text = "head<body>one\ntwo</body>mid<body>three</body><body> </body>tail"
+    assert data.split_documents(text, "<body>(.*?)</body>") == ["one\ntwo", "three"]
+    assert data.split_documents(text, "</?body>") == ["head", "one\ntwo", "mid", "three", "tail"]
+
+
+def test_document_source_lays_documents_out_with_pad_gaps():
+    docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])]
+    source, spans = data.document_source(docs, pad_id=9, row_len=3)
+    assert source.tolist() == [1, 2, 3, 9, 9, 4, 9, 9, 5, 6, 9, 9]
+    assert spans.tolist() == [[0, 3], [5, 1], [8, 2]]
+
+
+def test_document_rows_lie_in_one_document_with_the_lecture_length():
+    """Each row is min(seq_len + 1, L) tokens of one document (at a random start), then pads:
+    inputs of length min(context, L - 1), as the lecture's createbatch draws them."""
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwx|")
+    text = "|".join(["abcdefghij", "klm", "n", "opqrstuv", "wx"])
+    cfg = TrainConfig(seq_len=4, batch_size=64, split_docs=r"\|", min_len=2)
+    b = data.train_batches(tok, text, cfg)
+    assert b.docs[:, 1].tolist() == [10, 3, 8, 2]  # "n" is shorter than --min-len
+    rows = np.asarray(data.gather(jnp.asarray(b.source), jnp.asarray(b.starts(0, 8)), b.row_len))
+    docs = ["abcdefghij", "klm", "opqrstuv", "wx"]
+    seen = set()
+    for row in rows.reshape(-1, b.row_len):
+        chars = tok.decode(row[row != tok.pad_id])
+        assert (row[:len(chars)] != tok.pad_id).all()  # real tokens first, pads after
+        doc = next(d for d in docs if chars in d)
+        assert len(chars) == min(cfg.seq_len + 1, len(doc))
+        seen.add(doc)
+    assert seen == set(docs)
+
+
+def test_no_document_long_enough_is_a_user_error():
+    tok = CharTokenizer.from_text("ab|")
+    with pytest.raises(UserError, match="--min-len 5"):
+        data.train_batches(tok, "ab|ab", TrainConfig(seq_len=4, split_docs=r"\|", min_len=5))
+
+
+def test_document_eval_rows_target_every_token_after_each_documents_first_once():
+    tok = CharTokenizer.from_text("abcdefg|")
+    cfg = TrainConfig(seq_len=3, split_docs=r"\|")
+    rows = data.eval_rows(tok, "abcdefg|abc|abcde", cfg)
+    targets = rows[:, 1:][rows[:, 1:] != tok.pad_id]
+    assert tok.decode(targets) == "bcdefg" + "bc" + "bcde"
+
+
 def test_pad_rows_appends_all_pad_rows_to_a_multiple():
     rows = np.arange(15, dtype=np.uint8).reshape(5, 3)
     padded = data.pad_rows(rows, 4, 99)
