@@ -21,7 +21,7 @@ from transformer_jax.errors import RunStopped, UserError
 _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
             "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN,
-            "finetune": config_lib.FINETUNES}
+            "finetune": config_lib.FINETUNES, "head": config_lib.HEADS}
 # Model flags that a pretrained --init still takes (its config.json fixes the others).
 _PRETRAINED_MODEL_FLAGS = ("dropout", "dtype")
 
@@ -101,8 +101,50 @@ def train_parser() -> argparse.ArgumentParser:
                    help="on CPU, XLA host devices to split each batch across (default: as many "
                    "as there are cores, less if needed to divide --batch-size); ignored on "
                    "GPU/TPU")
+    multi = p.add_argument_group(
+        "multi-host (jax.distributed; on TPU pods, SLURM and Open MPI none are needed)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, which every process of the run contacts")
+    multi.add_argument("--num-processes", type=_positive_int, metavar="N",
+                       help="number of processes in the run (one per host, usually)")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N - 1")
     _add_field_flags(p)
     return p
+
+
+def start_distributed(coordinator: str | None, num_processes: int | None,
+                      process_id: int | None) -> None:
+    """Join a multi-process run through `jax.distributed` when the flags give one, or when the
+    environment is a cluster JAX detects by itself (Cloud TPU pod, SLURM, Open MPI)."""
+    import jax
+
+    given = (coordinator, num_processes, process_id)
+    if any(v is not None for v in given):
+        if None in given:
+            raise UserError("--coordinator, --num-processes and --process-id go together; "
+                            "give all three (or none on a cluster JAX detects)")
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process-id {process_id} must be in 0..{num_processes - 1}")
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
+                      process_id=process_id)
+    elif _in_cluster():
+        kwargs = {}
+    else:
+        return
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - JAX raises runtime errors of several kinds
+        where = f" at {coordinator}" if coordinator else ""
+        raise UserError(f"cannot join the multi-process run{where}: "
+                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
+def _in_cluster() -> bool:
+    """Whether this process is one of several that a cluster launched (SLURM, Open MPI, or the
+    workers of a Cloud TPU pod)."""
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def cpu_cores() -> int:
@@ -149,22 +191,46 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
 def _train(argv: list[str] | None) -> None:
     args = train_parser().parse_args(argv)
     config = resolve_config(args)
+    series_run = config.train.columns is not None
+    if not series_run and str(args.data).endswith(".csv"):
+        raise UserError(f"--data {args.data} is a CSV file: give --columns a,b,... (the series "
+                        "to forecast) to train a series model on it")
     use_cpu_devices(args.cpu_devices or _default_cpu_devices(config))
-    from transformer_jax import corpus, data, plot, run  # JAX only after the flags are good
-
-    path = args.data or corpus.prepare_default_corpus()
-    text = data.read_text(path)
+    start_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
+    from transformer_jax import corpus, data, plot, run  # JAX only after the flags are good
+
+    lead = jax.process_index() == 0
+    path = args.data or corpus.prepare_default_corpus()
+    text = data.read_text(path)
+    if lead:
+        print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
               resume_from=args.resume_from)
+    if not lead:
+        return
+    ylabel = plot.CROSS_ENTROPY
+    if series_run:
+        from transformer_jax import forecast
+
+        ylabel = forecast.LOSS_LABELS[config.train.head]
     try:
-        print(f"loss curve: {plot.plot_run(args.run_dir)}")
+        print(f"loss curve: {plot.plot_run(args.run_dir, ylabel)}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
-    sampler = "python sample.py" if sys.argv[0].endswith(".py") else "transformer-jax-sample"
-    print(f"sample with: {sampler} --run-dir {shlex.quote(args.run_dir)} --prompt \"...\"")
+    if series_run:
+        print(forecast.validation_table(forecast.validate(args.run_dir, text)))
+        print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(args.run_dir)} "
+              f"--data {shlex.quote(path)} --horizon 8")
+        return
+    print(f"sample with: {_program('sample')} --run-dir {shlex.quote(args.run_dir)} "
+          "--prompt \"...\"")
+
+
+def _program(name: str) -> str:
+    """How to call the command `name` (sample, forecast) the way this one was called."""
+    return f"python {name}.py" if sys.argv[0].endswith(".py") else f"transformer-jax-{name}"
 
 
 def _resume_command() -> str:
@@ -224,6 +290,9 @@ def _sample(argv: list[str] | None) -> None:
         config = config_lib.Config(model=model.config)
     else:
         config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
+        if config.train.columns is not None:
+            raise UserError(f"run directory {args.run_dir} holds a series model; forecast with "
+                            f"`{_program('forecast')} --run-dir {args.run_dir} --data FILE.csv`")
     samples = sampling.complete(config, tokenizer, params, prompt,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 temperature=args.temperature,

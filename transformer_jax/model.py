@@ -11,6 +11,7 @@ token one more. `init_cache` builds an empty cache.
 from __future__ import annotations
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -43,6 +44,41 @@ def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
 
 def _dtype(config: TransformerConfig):
     return jnp.dtype(config.dtype)
+
+
+def cudnn_attention_fits(q_BxTxHxK: jax.Array) -> bool:
+    """Whether cuDNN's fused (flash) attention takes these queries in training: it needs an
+    NVIDIA GPU, 16-bit floats, a head dim that is a multiple of 8 up to 128 and, with a mask,
+    an even length."""
+    _, T, _, K = q_BxTxHxK.shape
+    return ("cuda" in jax.extend.backend.get_backend().platform_version
+            and q_BxTxHxK.dtype.itemsize == 2 and K % 8 == 0 and K <= 128 and T % 2 == 0)
+
+
+def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, *, fused=None,
+              drop_probs=lambda p: p):
+    """Each query's average of the values, weighted by softmax(q . k / sqrt(K)) over the keys
+    that `mask_BxTxS` allows; softmax statistics in (at least) float32 whatever the dtype.
+
+    Args:
+      fused: None computes it here (einsum, masked softmax, einsum); "xla" or "cudnn" calls
+        `jax.nn.dot_product_attention` with that implementation instead.
+      drop_probs: applied to the attention probabilities (dropout); ignored when fused.
+    Returns:
+      (B, T, H, K) array.
+    """
+    if fused:
+        # With T == S query t is key t, so the mask is causal in the usual sense and saying
+        # so lets cuDNN skip the blocks above the diagonal.
+        return jax.nn.dot_product_attention(
+            q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None],
+            is_causal=q_BxTxHxK.shape[1] == k_BxSxHxK.shape[1], implementation=fused)
+    stats = jnp.promote_types(q_BxTxHxK.dtype, jnp.float32)
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                                preferred_element_type=stats) / np.sqrt(q_BxTxHxK.shape[-1])
+    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(stats).min)
+    probs_BxHxTxS = drop_probs(jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype))
+    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,14 +125,12 @@ class CausalSelfAttention(nn.Module):
         mask_BxTxS = (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
         if valid_BxT is not None:
             mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
-        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) / np.sqrt(K)
-        # Softmax statistics in (at least) float32 whatever the compute dtype.
-        stats = jnp.promote_types(scores_BxHxTxS.dtype, jnp.float32)
-        scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS.astype(stats),
-                                   jnp.finfo(stats).min)
-        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
-        probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=not train)
-        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+        drop = nn.Dropout(cfg.dropout)
+        # cuDNN cannot drop attention probabilities; the cache path stays explicit.
+        plain = not decode and not (train and cfg.dropout > 0)
+        fused = "cudnn" if plain and cudnn_attention_fits(q_BxTxHxK) else None
+        out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, fused=fused,
+                                drop_probs=lambda p: drop(p, deterministic=not train))
         return dense(cfg.d_model, "out")(out_BxTxHxK.reshape(B, T, cfg.d_model))
 
 
@@ -198,9 +232,13 @@ class Transformer(nn.Module):
 
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
-    """Freshly initialised parameters, compiled (linen's eager init is slow)."""
+    """Freshly initialised parameters, compiled (linen's eager init is slow): float32, or
+    float64 for a float64 model (everything in double precision, for reference checks)."""
     ids = jnp.zeros((1, config.max_len), jnp.int32)
-    return jax.jit(Transformer(config).init)(rng, ids)["params"]
+    params = jax.jit(Transformer(config).init)(rng, ids)["params"]
+    if config.dtype == "float64":
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    return params
 
 
 def param_shapes(config: TransformerConfig) -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -80,7 +80,8 @@ def check_resumable(saved: dict, wanted: dict, where: str) -> None:
 
 def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, int]:
     """(config, tokenizer, params, step) of the newest checkpoint in `run_dir`, ready for
-    `sampling.complete` (a transfer-learning run's head is mapped back to the whole vocabulary).
+    `sampling.complete` (a transfer-learning run's head is mapped back to the whole vocabulary),
+    or, for a series run, (config, scaler, params, step) for `forecast.forecast`.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
@@ -93,13 +94,17 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, int]:
             raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
         meta = ckpt.meta(step)
         config = Config.from_dict(meta["config"])
+        restore = lambda shapes: ckpt.restore_params(step, shapes)
+        if config.train.columns is not None:
+            from transformer_jax import forecast
+
+            return (*forecast.for_sampling(config, meta, restore), step)
         if config.train.init != "scratch":
             from transformer_jax import transfer
 
-            return (*transfer.for_sampling(config, meta, lambda shapes: ckpt.restore_params(
-                step, shapes)), step)
+            return (*transfer.for_sampling(config, meta, restore), step)
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        return config, tokenizer, ckpt.restore_params(step, param_shapes(config.model)), step
+        return config, tokenizer, restore(param_shapes(config.model)), step
     finally:
         ckpt.close()
 
@@ -148,7 +153,8 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
           fresh: bool = False, devices=None, quiet: bool = False,
           resume_command: str = "the same command", resume_from: str = "latest") -> dict:
     """Train on `text` in `run_dir`, resuming from its newest checkpoint: a character model
-    from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it.
+    from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it, or,
+    when `config.train.columns` names columns, a series model of `text` read as CSV.
 
     See `fit` for resuming, stopping and the result.
     """
@@ -156,7 +162,11 @@ def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharToke
     if config.train.total_steps() <= 0:
         raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
     mesh = training.data_mesh(devices)
-    if config.train.init == "scratch":
+    if config.train.columns is not None:
+        from transformer_jax import forecast
+
+        task = forecast.task(config, text, mesh, say=say)
+    elif config.train.init == "scratch":
         task = char_task(config, text, mesh.devices.size, tokenizer=tokenizer, say=say)
     else:
         from transformer_jax import transfer
@@ -174,7 +184,13 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
     checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
     leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
+
+    Under `jax.distributed` every process runs this with the same arguments and a run directory
+    they share; each places only its own devices' rows of every batch, and only process 0
+    prints and writes metrics (orbax coordinates the checkpoint writes).
     """
+    lead = jax.process_index() == 0
+    quiet = quiet or not lead
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     run_dir, config, batches = Path(run_dir), task.config, task.batches
     tcfg = config.train
@@ -185,9 +201,10 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(lambda: make_state(task.init_params())))
 
-    if fresh and run_dir.exists():
+    if fresh and run_dir.exists() and lead:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _sync("fresh")
     _check_writable(run_dir)
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
     try:
@@ -198,7 +215,8 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     if start:
         say(f"resuming from step {start}")
     else:
-        state = jax.jit(make_state, out_shardings=replicated)(task.init_params())
+        state = jax.jit(make_state, out_shardings=replicated)(
+            place(task.init_params(), replicated))
     if start >= total_steps:
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
             f"of {total_steps}; give a larger --steps to continue")
@@ -211,8 +229,9 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     chunk_fn = training.compile_train_chunk(mesh, task.loss(True), tx, batches.row_len,
                                             tcfg.micro_batches)
     eval_fn = training.compile_evaluate(mesh, task.loss(False))
-    source = jax.device_put(batches.source, replicated)
-    val_all = jax.device_put(task.val_rows, NamedSharding(mesh, P(None, "data")))
+    source = place(batches.source, replicated)
+    val_all = place(task.val_rows, NamedSharding(mesh, P(None, "data")))
+    starts_sharding = NamedSharding(mesh, P(None, "data"))
     val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
                 else val_all)
     schedule = training.learning_rate(tcfg)
@@ -230,7 +249,8 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
                     tcfg.eval_every - step % tcfg.eval_every,
                     tcfg.save_every - step % tcfg.save_every)
             tick = time.perf_counter()
-            state, out = chunk_fn(state, source, jnp.asarray(batches.starts(step, n)))
+            state, out = chunk_fn(state, source,
+                                  place(batches.starts(step, n), starts_sharding))
             losses, finite = np.asarray(out["loss"]), np.asarray(out["finite"])
             if not finite.all():
                 bad = [step + 1 + int(i) for i in np.flatnonzero(~finite)]
@@ -258,7 +278,9 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
                 last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
                 note(f"step {step}: train loss {last['train_loss']:.4f}, "
                      f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/{task.unit})")
-            _log(metrics_path, last)
+            if lead:
+                _log(metrics_path, last)
+            stop.agree()
             if step % tcfg.save_every == 0 or step == total_steps or reached or stop.signal:
                 ckpt.save(step, state, {**task.meta, "data_position": step})
             if reached:
@@ -319,15 +341,37 @@ class _StopRequests:
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this chunk of steps "
               "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
+    def agree(self) -> None:
+        """Across processes: stop when any process was asked to (a collective; one process
+        stopping alone would leave the others waiting in the next step)."""
+        if jax.process_count() > 1:
+            self.signal = int(multihost_utils.process_allgather(np.int32(self.signal)).max())
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+def place(tree, sharding: NamedSharding):
+    """Host arrays, the same in every process, as global arrays laid out by `sharding`; each
+    process copies only the shards of its own devices."""
+    def one(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _sync(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"transformer-jax {name}")
+
+
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

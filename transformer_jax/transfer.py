@@ -85,11 +85,12 @@ def hidden_states(config, params, rows_NxS: np.ndarray, pad_id: int, mesh, batch
         return trunk.apply({"params": params["trunk"]}, x_BxTxD, valid_BxT).astype(jnp.float32)
 
     step = -(-batch_size // mesh.devices.size) * mesh.devices.size
-    compute = jax.jit(features, in_shardings=(NamedSharding(mesh, P()),
-                                              NamedSharding(mesh, P("data"))))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    compute = jax.jit(features, out_shardings=replicated)
+    params = run.place(params, replicated)
     rows = np.concatenate([rows_NxS, np.full((-len(rows_NxS) % step, rows_NxS.shape[1]), pad_id,
                                              rows_NxS.dtype)])
-    out = [np.asarray(compute(params, rows[i:i + step]))
+    out = [np.asarray(compute(params, run.place(rows[i:i + step], split)))
            for i in tqdm(range(0, len(rows), step), desc="hidden states", unit="batch",
                          disable=quiet, leave=False)]
     return np.concatenate(out)[:len(rows_NxS)]
