@@ -42,10 +42,15 @@ def default_corpus_path() -> Path:
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file() and (checkout / "data").is_dir():
         return checkout / "data" / DEFAULT_CORPUS_NAME
-    # The XDG spec says to ignore relative values.
+    return user_cache_dir() / DEFAULT_CORPUS_NAME
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/transformer-jax``, or ``~/.cache/transformer-jax`` when the variable is
+    unset, empty or relative (the XDG spec says to ignore relative values)."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return cache / "transformer-jax" / DEFAULT_CORPUS_NAME
+    return cache / "transformer-jax"
 
 
 def _check_sha256(path: Path, expected: str) -> None:
