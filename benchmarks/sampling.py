@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -58,15 +57,7 @@ def main() -> None:
     params = init_params(cfg, jax.random.PRNGKey(0))
     n, prompt = args.new_tokens, [tok.start_id]
 
-    def best(fn) -> float:
-        fn()  # compile
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
+    best = lambda fn: common.best_seconds(fn, args.repeats)
     cached = best(lambda: generate(model, params, prompt, max_new_tokens=n, temperature=0.0,
                                    rng=jax.random.PRNGKey(0)))
     window = jnp.zeros((1, cfg.max_len), jnp.int32).at[0, 0].set(tok.start_id)

@@ -5,11 +5,17 @@
 
 Each step directory is self-contained: its metadata alone rebuilds the model and tokenizer that
 sampling needs. Orbax writes a step under a temporary name and renames it when complete, so a
-killed save never leaves a half-written step visible.
+killed save never leaves a half-written step visible; a failed write (permission denied, disk
+full) is a UserError naming the step's path, and never removes an older step.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,20 @@ import orbax.checkpoint as ocp
 from transformer_jax.errors import UserError
 
 FORMAT = "transformer-jax/1"
+# What may sit in RUN_DIR/checkpoints: steps, orbax's unfinished ones, steps set aside.
+_OWN_ENTRY = re.compile(r"\d+|\d+\.orbax-checkpoint-tmp.*|unreadable-\d+|\..*")
+
+
+def check_own(run_dir: str | Path) -> None:
+    """Refuse a RUN_DIR/checkpoints that is a file or holds another program's files."""
+    path = Path(run_dir) / "checkpoints"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a checkpoint directory; choose another "
+                        "--run-dir")
+    foreign = sorted(p.name for p in path.glob("*") if not _OWN_ENTRY.fullmatch(p.name))
+    if foreign:
+        raise UserError(f"{path} holds files that transformer-jax did not write "
+                        f"({', '.join(foreign[:3])}); choose another --run-dir")
 
 
 class UnreadableCheckpoint(UserError):
@@ -29,9 +49,16 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str | Path, keep: int = 3, *, read_only: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"  # orbax needs absolute paths
+        self._last_saved: int | None = None  # the step whose background write may still fail
+        _quiet_orbax()
+        if not read_only:
+            check_own(run_dir)
+        # Creating the step directory in save() itself makes an unwritable directory fail
+        # there; created in the background, it left orbax's threads waiting minutes at exit.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            create=not read_only, read_only=read_only, cleanup_tmp_directories=True)
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self._manager = ocp.CheckpointManager(self.dir, options=options,
                                               item_names=("state", "meta"))
 
@@ -85,21 +112,76 @@ class RunCheckpoints:
                     item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                     partial_restore=True)))
         except Exception as e:
-            raise UserError(f"checkpoint step {step} in {self.dir} does not match its config "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+            raise UnreadableCheckpoint(
+                f"checkpoint step {step} in {self.dir} is unreadable or does not match its "
+                f"config ({type(e).__name__}: {_first_line(e)})") from None
         return restored["state"]["params"]
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start writing `step` in the background; `wait()` until it is complete."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"format": FORMAT, **meta})), force=True)
+        """Start writing `step` in the background; `wait()` until it is complete.
+
+        Raises UserError if this step, or the previous one, cannot be written.
+        """
+        self.wait()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"format": FORMAT, **meta})), force=True)
+        except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
+            raise self._write_error(step, e) from None
+        self._last_saved = step
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the last save is complete; UserError if it could not be written."""
+        try:
+            self._manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            raise self._write_error(self._last_saved, e) from None
+
+    def _write_error(self, step: int | None, e: Exception) -> UserError:
+        self._manager.reload()  # orbax forgot the steps the failed save was to replace
+        latest = self.latest_step()
+        kept = f"step {latest} is kept" if latest is not None else "no step is saved yet"
+        return UserError(f"cannot write checkpoint {self.dir / str(step)} ({_os_reason(e)}); "
+                         f"{kept}; free some space or fix the permissions and rerun, or choose "
+                         "another --run-dir")
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _quiet_orbax() -> None:
+    """Silence what orbax prints besides the failures RunCheckpoints raises as one line: its
+    warnings and logged tracebacks, and the unraisable errors of its abandoned coroutines after
+    a failed read or write (tensorstore's late callbacks into a closed event loop included)."""
+    for name in ("absl", "asyncio"):  # a filter is added once, however often this runs
+        logging.getLogger(name).addFilter(_drop_orbax_records)
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax", False):
+        return
+
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if not (any("orbax" in frame.filename for frame in frames)
+                or str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_orbax = True
+    sys.unraisablehook = hook
+
+
+def _drop_orbax_records(record: logging.LogRecord) -> bool:
+    """False for a warning or error logged by orbax, or about its files or coroutines."""
+    return not (record.levelno >= logging.WARNING
+                and "orbax" in f"{record.pathname} {record.getMessage()}")
+
+
+def _os_reason(e: Exception) -> str:
+    """The operating system's words for a failed write (tensorstore's errors carry its code)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    return os.strerror(int(code.group(1))) if code else _first_line(e)
 
 
 def _first_line(e: Exception) -> str:

@@ -26,6 +26,13 @@ _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
 _PRETRAINED_MODEL_FLAGS = ("dropout", "dtype")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end in one `error:` line (exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the empty ones (None, False) that would only add noise."""
 
@@ -81,16 +88,19 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py", formatter_class=_Help,
-        description="Train a character-level causal transformer from scratch, or fine-tune a "
-        "pretrained GPT-2 (--init); rerun to resume.")
-    p.add_argument("--data", help="UTF-8 text file or directory of .txt files "
-                   "(default: Shakespeare's plays, downloaded on first use)")
+        description="Train a character-level causal transformer from scratch, fine-tune a "
+        "pretrained GPT-2 (--init), or train a series model of CSV columns (--columns); "
+        "rerun to resume.")
+    p.add_argument("--data", help="UTF-8 text file or directory of .txt files, or with "
+                   "--columns a CSV file (default: Shakespeare's plays, downloaded on first "
+                   "use)")
     p.add_argument("--run-dir", default="runs/default",
                    help="directory for checkpoints and metrics; resumed if it holds a run")
     p.add_argument("--preset", default="default", choices=tuple(config_lib.PRESETS),
-                   help="starting configuration: lecture (the lecture's model), default, fast")
+                   help="starting configuration: lecture (the lecture's model), default, fast, "
+                   "series (a small series model for --columns)")
     p.add_argument("--config", help="JSON file of config fields, applied over the preset")
     p.add_argument("--fresh", action="store_true",
                    help="start over in an existing run directory instead of resuming")
@@ -161,6 +171,20 @@ def _default_cpu_devices(config: config_lib.Config) -> int:
     return max(fits, default=1)
 
 
+def use_compile_cache() -> None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache) so that a rerun with
+    the same shapes skips compilation: in $JAX_COMPILATION_CACHE_DIR if set, else in the user
+    cache directory (~/.cache/transformer-jax/xla), at most 1 GB (least recently used go)."""
+    import jax
+
+    from transformer_jax.corpus import user_cache_dir
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(user_cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)
+
+
 def use_cpu_devices(n: int) -> None:
     """Give the CPU backend `n` devices (before JAX starts), unless XLA_FLAGS already does."""
     import jax
@@ -196,6 +220,7 @@ def _train(argv: list[str] | None) -> None:
         raise UserError(f"--data {args.data} is a CSV file: give --columns a,b,... (the series "
                         "to forecast) to train a series model on it")
     use_cpu_devices(args.cpu_devices or _default_cpu_devices(config))
+    use_compile_cache()
     start_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
@@ -220,6 +245,7 @@ def _train(argv: list[str] | None) -> None:
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
     if series_run:
+        _quiet_orbax()
         print(forecast.validation_table(forecast.validate(args.run_dir, text)))
         print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(args.run_dir)} "
               f"--data {shlex.quote(path)} --horizon 8")
@@ -241,7 +267,7 @@ def _resume_command() -> str:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sample.py", formatter_class=_Help,
         description="Print text sampled from a trained run: the prompt, then its continuation.")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
@@ -264,10 +290,8 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def _sample(argv: list[str] | None) -> None:
     args = sample_parser().parse_args(argv)
-    import logging
-
-    # orbax logs absl warnings when it opens a checkpoint read-only; they are not for users.
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    _quiet_orbax()
+    use_compile_cache()
     from transformer_jax import run, sampling
 
     try:  # a larger --top-k than the vocabulary means all of it (clamped below)
@@ -304,6 +328,61 @@ def _sample(argv: list[str] | None) -> None:
         print(sample)
 
 
+def forecast_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="forecast.py", formatter_class=_Help,
+        description="Forecast the series of a run trained on CSV data (train.py --columns): "
+        "from the history in --data, each prediction is fed back for --horizon steps, and a "
+        "Gaussian head's sample paths give an interval. Prints the forecast and draws it in "
+        "RUN_DIR/forecast.png.")
+    p.add_argument("--run-dir", default="runs/default",
+                   help="run directory written by train.py --columns")
+    p.add_argument("--data", required=True, help="CSV file with the run's columns: the history "
+                   "(and the known covariates of the forecast times)")
+    p.add_argument("--horizon", type=_positive_int, default=8, help="times to forecast")
+    p.add_argument("--origin", help="forecast the times after this row: its time label, or its "
+                   "row number (from 0) when the run has no --time-column (default: the last "
+                   "row)")
+    p.add_argument("--samples", type=_positive_int, default=1000,
+                   help="sample paths drawn from a Gaussian head")
+    p.add_argument("--interval", type=float, default=0.9,
+                   help="probability of the central interval of the sample paths")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample paths")
+    return p
+
+
+def _forecast(argv: list[str] | None) -> None:
+    args = forecast_parser().parse_args(argv)
+    if not 0 < args.interval < 1:
+        raise UserError(f"--interval {args.interval} must be between 0 and 1")
+    _quiet_orbax()
+    use_compile_cache()
+    from transformer_jax import data, forecast, plot, run
+
+    config, scaler, params, _ = run.load_for_sampling(args.run_dir)
+    if config.train.columns is None:
+        raise UserError(f"run directory {args.run_dir} holds a text model; sample with "
+                        f"`{_program('sample')} --run-dir {args.run_dir}`")
+    table = forecast.read(config, data.read_text(args.data), where=f"--data {args.data}")
+    origin = len(table) - 1 if args.origin is None else table.row(args.origin)
+    result = forecast.forecast(config, scaler, params, table, origin=origin,
+                               horizon=args.horizon, samples=args.samples,
+                               interval=args.interval, seed=args.seed)
+    print(forecast.forecast_table(result))
+    try:
+        print(f"picture: {plot.plot_forecast(result, Path(args.run_dir) / 'forecast.png')}")
+    except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
+        print(f"no picture: {e}")
+
+
+def _quiet_orbax() -> None:
+    """Silence the absl warnings orbax logs when it opens a checkpoint read-only: they are not
+    for users."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -330,3 +409,8 @@ def train_main(argv: list[str] | None = None) -> None:
 def sample_main(argv: list[str] | None = None) -> None:
     """Entry point of `sample.py` / `transformer-jax-sample`."""
     _main(_sample, argv)
+
+
+def forecast_main(argv: list[str] | None = None) -> None:
+    """Entry point of `forecast.py` / `transformer-jax-forecast`."""
+    _main(_forecast, argv)

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float64")
 BATCHINGS = ("random", "stream")
 ON_NAN = ("stop", "skip")
 FINETUNES = ("head", "full")
+HEADS = ("point", "gaussian")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -52,7 +53,8 @@ class TransformerConfig:
     tie_embeddings: bool = _f(True, "prediction layer shares the token embedding (logits = h E^T)")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches")
     layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm")
-    dtype: str = _f("float32", "compute dtype; parameters stay float32: float32, bfloat16, float64")
+    dtype: str = _f("float32", "compute dtype: float32, bfloat16 (parameters, softmax and loss "
+                    "stay float32) or float64 (everything, with JAX_ENABLE_X64=1)")
     head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
                         "set by transfer learning, not a flag", flag=False)
 
@@ -123,14 +125,26 @@ class TrainConfig:
     finetune: str = _f("head", "with a pretrained --init: head trains only a new prediction "
                        "layer over the corpus's tokens on the frozen trunk; full trains every "
                        "parameter")
+    columns: str | None = _f(None, "series model: comma-separated columns of a CSV --data to "
+                             "forecast (instead of a character model of its text)")
+    covariates: str | None = _f(None, "series model: comma-separated CSV columns of known "
+                                "covariates, model inputs at the predicted time, not forecast")
+    time_column: str | None = _f(None, "series model: CSV column of time labels; rows must be "
+                                 "in time order")
+    head: str = _f("point", "series model's prediction layer: point (mean squared error) or "
+                   "gaussian (mean and log-variance per series, negative log-likelihood)")
+    ar_order: int = _f(4, "series model: lags p of the least-squares AR(p) baseline it is "
+                       "compared with on the validation split")
     seed: int = _f(0, "random seed for initialisation, batches and dropout")
 
     def __post_init__(self) -> None:
         _one_of(self, "batching", BATCHINGS)
         _one_of(self, "on_nan", ON_NAN)
         _one_of(self, "finetune", FINETUNES)
+        _one_of(self, "head", HEADS)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
-                  "keep", "steps_per_call", "micro_batches")
+                  "keep", "steps_per_call", "micro_batches", "ar_order")
+        self._check_series()
         if self.min_len < 2:
             raise ValueError(f"min_len={self.min_len} must be at least 2 (a document needs a "
                              "token to predict)")
@@ -164,6 +178,22 @@ class TrainConfig:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.decay_steps and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps")
+
+    def _check_series(self) -> None:
+        if self.columns is None:
+            for name in ("covariates", "time_column"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs columns (the CSV "
+                                     "columns of a series model)")
+            return
+        named = [n for n in (self.columns, self.covariates, self.time_column) if n is not None]
+        names = [n.strip() for n in ",".join(named).split(",")]
+        if "" in names or len(set(names)) < len(names):
+            raise ValueError(f"columns={self.columns!r}, covariates and time_column must name "
+                             "distinct, non-empty CSV columns")
+        if self.init != "scratch" or self.batching != "random" or self.split_docs is not None:
+            raise ValueError(f"columns={self.columns!r} (a series model) needs init 'scratch', "
+                             "batching 'random' and no split_docs")
 
     @property
     def tokens_per_sequence(self) -> int:
@@ -253,11 +283,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=12, steps=1400, lr=6e-3, beta2=0.99, weight_decay=0.1,
                  grad_clip=1.0, warmup_steps=50, decay_steps=1400, min_lr=6e-4,
                  eval_every=100, eval_batches=20, save_every=1400),
+    # Series models of a few hundred rows (quarterly macro data): tiny, dropout, few steps;
+    # chosen on the first 80% of macrodata's training part, the rest of it as validation.
+    "series": dict(d_model=16, layers=2, heads=4, d_ff=32, activation="gelu", norm="pre",
+                   positions="learned", max_len=16, dropout=0.2, batching="random", seq_len=16,
+                   batch_size=32, steps=300, lr=1e-3, beta2=0.99, weight_decay=0.1,
+                   grad_clip=1.0, warmup_steps=50, decay_steps=300, min_lr=1e-4, eval_every=50,
+                   eval_batches=0, save_every=300, val_fraction=0.2),
 }
 
 
 def preset(name: str) -> Config:
-    """The named preset (`lecture`, `default`, `fast`) as a Config with vocab_size unset."""
+    """The named preset (`lecture`, `default`, `fast`, `series`) as a Config with vocab_size
+    unset."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return Config().replace(**PRESETS[name])

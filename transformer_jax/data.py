@@ -43,7 +43,7 @@ def read_text(path: str | Path) -> str:
             raise UserError(f"corpus {file} is not UTF-8 (byte {e.start}); "
                             "convert it, e.g. iconv -t UTF-8") from None
     text = "\n\n".join(texts)
-    if not text.strip():
+    if not text or text.isspace():  # (strip() would copy a large corpus once more)
         raise UserError(f"corpus {path} is empty; give a file with some text")
     return text
 

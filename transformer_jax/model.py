@@ -48,11 +48,13 @@ def _dtype(config: TransformerConfig):
 
 def cudnn_attention_fits(q_BxTxHxK: jax.Array) -> bool:
     """Whether cuDNN's fused (flash) attention takes these queries in training: it needs an
-    NVIDIA GPU, 16-bit floats, a head dim that is a multiple of 8 up to 128 and, with a mask,
-    an even length."""
+    NVIDIA GPU from Ampere (compute capability 8.0) on, 16-bit floats, a head dim that is a
+    multiple of 8 up to 128 and, with a mask, an even length."""
     _, T, _, K = q_BxTxHxK.shape
-    return ("cuda" in jax.extend.backend.get_backend().platform_version
-            and q_BxTxHxK.dtype.itemsize == 2 and K % 8 == 0 and K <= 128 and T % 2 == 0)
+    if "cuda" not in jax.extend.backend.get_backend().platform_version:
+        return False
+    ampere = float(jax.devices()[0].compute_capability) >= 8.0
+    return ampere and q_BxTxHxK.dtype.itemsize == 2 and K % 8 == 0 and K <= 128 and T % 2 == 0
 
 
 def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, *, fused=None,
@@ -73,9 +75,11 @@ def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, *, fused=None,
         return jax.nn.dot_product_attention(
             q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None],
             is_causal=q_BxTxHxK.shape[1] == k_BxSxHxK.shape[1], implementation=fused)
-    stats = jnp.promote_types(q_BxTxHxK.dtype, jnp.float32)
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
-                                preferred_element_type=stats) / np.sqrt(q_BxTxHxK.shape[-1])
+    # Scores leave the matmul in the compute dtype: a float32 product would make the backward
+    # pass multiply float32 by 16-bit operands, off the fast 16-bit path.
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
+    stats = jnp.promote_types(scores_BxHxTxS.dtype, jnp.float32)
+    scores_BxHxTxS = scores_BxHxTxS.astype(stats) / np.sqrt(q_BxTxHxK.shape[-1])
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(stats).min)
     probs_BxHxTxS = drop_probs(jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype))
     return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
@@ -126,7 +130,8 @@ class CausalSelfAttention(nn.Module):
         if valid_BxT is not None:
             mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
         drop = nn.Dropout(cfg.dropout)
-        # cuDNN cannot drop attention probabilities; the cache path stays explicit.
+        # The fused call has no dropout; decoding (few queries against the cache) and every
+        # other backend or dtype take the explicit path (XLA's fused call is no faster on CPUs).
         plain = not decode and not (train and cfg.dropout > 0)
         fused = "cudnn" if plain and cudnn_attention_fits(q_BxTxHxK) else None
         out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, fused=fused,

@@ -1,8 +1,8 @@
-"""Loss-curve picture of a run: `python -m transformer_jax.plot RUN_DIR` writes RUN_DIR/loss.png.
+"""Pictures of runs: the loss curve (`python -m transformer_jax.plot RUN_DIR` writes
+RUN_DIR/loss.png from RUN_DIR/metrics.jsonl, one JSON object per log point) and a forecast.
 
-Reads RUN_DIR/metrics.jsonl (one JSON object per log point). Needs matplotlib, an optional
-extra (`pip install 'transformer-jax[plot]'`); without it, `plot_run` raises UserError with
-that hint instead of failing on import.
+Needs matplotlib, an optional extra (`pip install 'transformer-jax[plot]'`); without it,
+`plot_run` and `plot_forecast` raise UserError with that hint instead of failing on import.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from transformer_jax.errors import UserError
+
+CROSS_ENTROPY = "cross-entropy (nats per token)"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -29,16 +31,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def plot_run(run_dir: str | Path) -> Path:
-    """Draw train and validation loss against steps into RUN_DIR/loss.png; return its path."""
+def _pyplot(what: str):
+    """matplotlib.pyplot drawing into files, or UserError with the install hint for `what`."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("the loss curve needs matplotlib: pip install 'transformer-jax[plot]'"
+        raise UserError(f"{what} needs matplotlib: pip install 'transformer-jax[plot]'"
                         ) from None
+    return plt
+
+
+def plot_run(run_dir: str | Path, ylabel: str = CROSS_ENTROPY) -> Path:
+    """Draw train and validation loss against steps into RUN_DIR/loss.png; return its path."""
+    plt = _pyplot("the loss curve")
     records = read_metrics(run_dir)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -46,9 +54,9 @@ def plot_run(run_dir: str | Path) -> Path:
     if train:
         ax.plot(*zip(*train), label="train (mean over the logged steps)", color="tab:blue")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation (held-out text)", color="tab:orange")
+        ax.plot(*zip(*val), "o-", label="validation (held-out part)", color="tab:orange")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"loss: {Path(run_dir).resolve().name}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -57,6 +65,41 @@ def plot_run(run_dir: str | Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_forecast(result, path: str | Path) -> Path:
+    """Draw a `forecast.Forecast` into `path`: one panel per series with its recent history,
+    the median forecast, its interval (Gaussian head) and the actual values where the data has
+    them. Returns `path`."""
+    plt = _pyplot("the forecast picture")
+    L, H = len(result.history), len(result.median)
+    past, ahead = range(-L + 1, 1), range(1, H + 1)
+    k = len(result.names)
+    fig, axes = plt.subplots(k, 1, figsize=(8, 2.6 * k + 0.6), dpi=120, sharex=True,
+                             squeeze=False)
+    for j, ax in enumerate(axes[:, 0]):
+        last = [result.history[-1, j]]  # the lines after the origin start from its value
+        ax.plot(past, result.history[:, j], color="black", lw=1.2, label="history")
+        if len(result.actual):
+            ax.plot(range(len(result.actual) + 1), last + list(result.actual[:, j]),
+                    color="black", lw=1.2, ls="--", label="actual")
+        if result.low is not None:
+            ax.fill_between(ahead, result.low[:, j], result.high[:, j], color="tab:blue",
+                            alpha=0.25, label=f"{result.interval:.0%} interval")
+        ax.plot(range(H + 1), last + list(result.median[:, j]), color="tab:blue", lw=1.6,
+                label="forecast (median)" if result.low is not None else "forecast")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_ylabel(result.names[j])
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="best", fontsize="small")
+    labels = dict(zip(past, result.history_time)) | dict(zip(ahead, result.time))
+    ticks = list(range(-L + 1, H + 1, max(1, (L + H) // 6)))
+    axes[-1, 0].set_xticks(ticks, [labels[t] for t in ticks], rotation=20, fontsize="small")
+    axes[0, 0].set_title(f"forecast of {H} steps from {result.history_time[-1]}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from transformer_jax import data, training
-from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint
+from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
 from transformer_jax.config import Config
 from transformer_jax.errors import RunStopped, UserError
 from transformer_jax.model import Transformer, count_params, init_params, param_shapes
@@ -35,7 +35,8 @@ from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_spec
 FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
                    "positions", "max_len", "tie_embeddings", "layer_norm_eps", "head_size",
                    "batching", "seq_len", "batch_size", "streams", "val_fraction", "split_docs",
-                   "min_len", "init", "finetune", "seed")
+                   "min_len", "init", "finetune", "columns", "covariates", "time_column",
+                   "head", "seed")
 # What differs when another key of the metadata differs.
 _META_NAMES = {"tokenizer": "a corpus with another vocabulary",
                "base": "another pretrained model", "tokens": "a corpus with other tokens"}
@@ -144,6 +145,19 @@ def datasets(tokenizer, text: str, tcfg, n_dev: int) -> tuple[data.Batches, np.n
     return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records of steps after `step` (redone after a resume), so none repeats."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False  # a line cut short by a killed process
+
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(filter(kept, lines)))
+
+
 def _log(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -202,6 +216,7 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
                             jax.eval_shape(lambda: make_state(task.init_params())))
 
     if fresh and run_dir.exists() and lead:
+        check_own(run_dir)  # never delete another program's files
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     _sync("fresh")
@@ -214,6 +229,8 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
         raise
     if start:
         say(f"resuming from step {start}")
+        if lead:
+            _drop_metrics_after(run_dir / "metrics.jsonl", start)
     else:
         state = jax.jit(make_state, out_shardings=replicated)(
             place(task.init_params(), replicated))
@@ -275,9 +292,13 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
                 if target is not None and ev["loss"] <= target and step < total_steps:
                     ev = training.evaluate(eval_fn, state.params, val_all)  # confirm on all
                     reached = ev["loss"] <= target
-                last.update(val_loss=ev["loss"], val_bpc=ev["bpc"])
+                last["val_loss"] = ev["loss"]
+                bits = ""
+                if task.unit != "value":  # cross-entropy: also in bits per token
+                    last["val_bpc"] = ev["bpc"]
+                    bits = f" ({ev['bpc']:.3f} bits/{task.unit})"
                 note(f"step {step}: train loss {last['train_loss']:.4f}, "
-                     f"val loss {ev['loss']:.4f} ({ev['bpc']:.3f} bits/{task.unit})")
+                     f"val loss {ev['loss']:.4f}{bits}")
             if lead:
                 _log(metrics_path, last)
             stop.agree()
@@ -293,8 +314,10 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     finally:
         stop.restore()
         bar.close()
-        ckpt.wait()
-        ckpt.close()
+        try:
+            ckpt.wait()
+        finally:
+            ckpt.close()
     say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
     return last
 
@@ -369,6 +392,8 @@ def _sync(name: str) -> None:
 
 
 def _check_writable(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file; choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{jax.process_index()}"

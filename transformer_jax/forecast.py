@@ -1,0 +1,360 @@
+"""Series forecasting with the causal trunk: the continuous model, its losses and training task,
+one-step predictions against the baselines, and multi-step forecasts with the key/value cache.
+
+At position t the model reads the standardised values of the K forecast series at time t and of
+the C known covariates at time t + 1, and predicts the series at time t + 1: a point (trained
+with mean squared error) or a Gaussian (a mean and a log-variance per series, trained with its
+negative log-likelihood). A training row is S + 1 consecutive times of the training part
+(`series.windows`); inputs come from all of them, targets are the last S. Shapes: B batch,
+T positions, F = K + C features, O outputs (K, or 2K for a Gaussian head), H horizon.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from transformer_jax import data, run, series
+from transformer_jax.config import Config, TransformerConfig
+from transformer_jax.errors import UserError
+from transformer_jax.model import Trunk
+from transformer_jax.series import Scaler, Series, column_names
+
+_LOG_2PI = float(np.log(2 * np.pi))
+_Z95 = 1.6449  # the standard normal's 95% quantile: mean +- _Z95 sd is the central 90%
+# What the training loss of each head is, for the loss curve.
+LOSS_LABELS = {"point": "mean squared error (standardised units)",
+               "gaussian": "Gaussian negative log-likelihood (nats per value)"}
+
+
+class SeriesTransformer(nn.Module):
+    """Standardised inputs (B, T, F) -> float32 outputs (B, T, O), O = `config.head_size`:
+    the K predicted values, or K means then K log-variances."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxF, *, decode=False, train=False):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x_BxTxD = nn.Dense(cfg.d_model, dtype=dtype, name="embed")(x_BxTxF)
+        h_BxTxD = Trunk(cfg, name="trunk")(x_BxTxD, decode=decode, train=train)
+        out_BxTxO = nn.Dense(cfg.outputs, dtype=dtype, name="head",
+                             kernel_init=nn.initializers.normal(0.02))(h_BxTxD)
+        return out_BxTxO.astype(jnp.promote_types(out_BxTxO.dtype, jnp.float32))
+
+
+def shape(config: Config) -> tuple[int, int]:
+    """(K forecast series, F input features) of a series run."""
+    k = len(column_names(config.train.columns))
+    return k, k + len(column_names(config.train.covariates))
+
+
+def model_config(config: Config) -> Config:
+    """`config` with the model's prediction layer set for its head: untied, K or 2K outputs."""
+    k, _ = shape(config)
+    outputs = k if config.train.head == "point" else 2 * k
+    return config.replace(vocab_size=0, tie_embeddings=False, head_size=outputs)
+
+
+def init_params(config: Config, rng: jax.Array) -> dict:
+    """Fresh parameters of `model_config(config)`'s model, compiled."""
+    x_1x1xF = jnp.zeros((1, 1, shape(config)[1]), jnp.float32)
+    return jax.jit(SeriesTransformer(config.model).init)(rng, x_1x1xF)["params"]
+
+
+def inputs(rows_BxRxF: jax.Array, k: int) -> jax.Array:
+    """Model inputs of rows of R times: the series at times 0..R-2 beside the covariates at
+    times 1..R-1, (B, R - 1, F)."""
+    return jnp.concatenate([rows_BxRxF[:, :-1, :k], rows_BxRxF[:, 1:, k:]], axis=-1)
+
+
+def value_losses(out_BxTxO: jax.Array, y_BxTxK: jax.Array, head: str) -> jax.Array:
+    """Loss of each target value, (B, T, K): squared error, or Gaussian negative log-likelihood
+    0.5 (log 2 pi + log var + (y - mean)^2 / var)."""
+    if head == "point":
+        return (out_BxTxO - y_BxTxK) ** 2
+    mean_BxTxK, logvar_BxTxK = jnp.split(out_BxTxO, 2, axis=-1)
+    return 0.5 * (_LOG_2PI + logvar_BxTxK
+                  + (y_BxTxK - mean_BxTxK) ** 2 * jnp.exp(-logvar_BxTxK))
+
+
+def series_loss(model: SeriesTransformer, k: int, head: str, *, train: bool):
+    """LossFn of rows {"x": (B, S + 1, F) standardised times, "w": (B, S + 1) weight of each
+    time as a target (the first is never one)}: (summed loss, weighted count of values)."""
+
+    def loss(params, rows, rng):
+        x_BxRxF = rows["x"]
+        out_BxTxO = model.apply({"params": params}, inputs(x_BxRxF, k), train=train,
+                                rngs={"dropout": rng})
+        w_BxTx1 = rows["w"][:, 1:, None]
+        losses = value_losses(out_BxTxO, x_BxRxF[:, 1:, :k], head)
+        return jnp.sum(w_BxTx1 * losses), jnp.sum(w_BxTx1) * k
+
+    return loss
+
+
+def read(config: Config, text: str, where: str = "the CSV data") -> Series:
+    """The run's columns of CSV `text` (`where` names it in errors)."""
+    tcfg = config.train
+    return series.parse_csv(text, column_names(tcfg.columns), column_names(tcfg.covariates),
+                            tcfg.time_column, where)
+
+
+def _check_sizes(config: Config, n: int, n_train: int, n_dev: int) -> None:
+    tcfg = config.train
+    S, p = tcfg.seq_len, tcfg.ar_order
+    if S > config.model.max_len:
+        raise UserError(f"--seq-len {S} exceeds --max-len {config.model.max_len}; raise "
+                        "--max-len")
+    if n_train < max(S + 1, 2 * p + 1) or n_train == n:
+        raise UserError(f"{n} rows give {n_train} for training and {n - n_train} for "
+                        f"validation: --seq-len {S} and --ar-order {p} need at least "
+                        f"{max(S + 1, 2 * p + 1)} and 1; lower them, change --val-fraction or "
+                        "give more rows")
+    if tcfg.batch_size % (n_dev * tcfg.micro_batches):
+        raise UserError(f"--batch-size {tcfg.batch_size} must be divisible by "
+                        f"{n_dev * tcfg.micro_batches} (data-parallel devices x "
+                        f"--micro-batches {tcfg.micro_batches})")
+
+
+def validation_rows(z_NxF: np.ndarray, ends: np.ndarray, length: int, batch: int) -> dict:
+    """Rows scoring each time of `ends` once, one step ahead from the `length` times before it
+    (which may lie in the training part): {"x": (N, batch, length + 1, F), "w": (N, batch,
+    length + 1)}, padded with rows of weight 0."""
+    x = series.windows(z_NxF, ends, length).astype(np.float32)
+    w = np.zeros(x.shape[:2], np.float32)
+    w[:, -1] = 1.0
+    extra = -len(x) % batch
+    batched = lambda a: np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]).reshape(
+        -1, batch, *a.shape[1:])
+    return {"x": batched(x), "w": batched(w)}
+
+
+def task(config: Config, text: str, mesh, *, say=print) -> run.Task:
+    """Train a series model on the columns of CSV `text` named by `config.train.columns`.
+
+    The first rows (1 - val_fraction) are the training part, whose statistics standardise every
+    column and are saved with each checkpoint; the validation loss is the one-step-ahead loss
+    over every row of the rest.
+    """
+    tcfg = config.train
+    table = read(config, text)
+    n, n_train = len(table), series.train_rows(len(table), tcfg.val_fraction)
+    _check_sizes(config, n, n_train, mesh.devices.size)
+    scaler = Scaler.fit(table.values[:n_train], table.names)
+    z_NxF = scaler.apply(table.values).astype(np.float32)
+    say(f"series: {', '.join(table.names[:table.targets])} ({n} rows: {table.time[0]} to "
+        f"{table.time[n_train - 1]} for training, {table.time[n_train]} to {table.time[-1]} "
+        "for validation)")
+    batches = data.Batches({"x": z_NxF[:n_train], "w": np.ones(n_train, np.float32)},
+                           tcfg.seq_len + 1, tcfg.batch_size, "random", tcfg.seed)
+    eval_batch = -(-tcfg.batch_size // mesh.devices.size) * mesh.devices.size
+    val = validation_rows(z_NxF, np.arange(n_train, n), tcfg.seq_len, eval_batch)
+    config = model_config(config)
+    model = SeriesTransformer(config.model)
+    return run.Task(config, lambda train: series_loss(model, table.targets, tcfg.head,
+                                                      train=train),
+                    lambda: init_params(config, jax.random.PRNGKey(tcfg.seed)), batches, val,
+                    {"config": config.to_dict(), "series": scaler.to_dict()}, unit="value")
+
+
+def for_sampling(config: Config, meta: dict, restore) -> tuple[Config, Scaler, dict]:
+    """(config, scaler, params) of a series run; `restore(shapes)` reads its parameters."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    return config, Scaler.from_dict(meta["series"]), restore(shapes)
+
+
+def one_step(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray, chunk: int = 256
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Standardised one-step forecasts of the rows `ends` (M,) from the seq_len rows before
+    each: means (M, K), and standard deviations (M, K) for a Gaussian head (else None)."""
+    k, S = shape(config)[0], config.train.seq_len
+    apply = jax.jit(lambda p, rows: SeriesTransformer(config.model).apply(
+        {"params": p}, inputs(rows, k))[:, -1])
+    rows = lambda i: series.windows(z_NxF, ends[i:i + chunk], S).astype(np.float32)
+    out = np.concatenate([np.asarray(apply(params, rows(i)))
+                          for i in range(0, len(ends), chunk)])
+    if config.train.head == "point":
+        return out, None
+    return out[:, :k], np.exp(0.5 * out[:, k:])
+
+
+def validate(run_dir: str | Path, text: str) -> dict:
+    """One-step-ahead RMSE over the validation part of CSV `text` in the data's units, of the
+    newest checkpoint of `run_dir`, the random walk and the least-squares AR(p) fitted on the
+    training part (and, for a Gaussian head, how often the central 90% interval holds the
+    value). Written to RUN_DIR/validation.json and returned."""
+    config, scaler, params, step = run.load_for_sampling(run_dir)
+    table = read(config, text)
+    k, p = table.targets, config.train.ar_order
+    n_train = series.train_rows(len(table), config.train.val_fraction)
+    ends = np.arange(n_train, len(table))
+    y_NxK, actual = table.values[:, :k], table.values[ends, :k]
+    mean, sd = one_step(config, params, scaler.apply(table.values), ends)
+    predictions = {"model": scaler.invert(mean), "random walk": series.random_walk(y_NxK, ends),
+                   f"AR({p})": series.autoregression(y_NxK, n_train, p, ends)}
+    names = table.names[:k]
+    report = {"step": step, "from": table.time[n_train], "to": table.time[-1],
+              "points": len(ends), "rmse": {
+                  label: dict(zip(names, series.rmse(pred, actual).tolist()))
+                  for label, pred in predictions.items()}}
+    if sd is not None:
+        inside = np.abs(actual - scaler.invert(mean)) <= _Z95 * sd * scaler.std[:k]
+        report["coverage_90"] = dict(zip(names, inside.mean(axis=0).tolist()))
+    (Path(run_dir) / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def validation_table(report: dict) -> str:
+    """The report of `validate` as a few lines of text."""
+    rmse = report["rmse"]
+    names = list(next(iter(rmse.values())))
+    width = max(map(len, rmse)) + 2
+    lines = [f"validation, {report['points']} one-step-ahead forecasts ({report['from']} to "
+             f"{report['to']}), RMSE in the data's units:",
+             " " * width + "".join(f"{n:>12}" for n in names)]
+    lines += [f"{label:<{width}}" + "".join(f"{v[n]:12.4f}" for n in names)
+              for label, v in rmse.items()]
+    if "coverage_90" in report:
+        lines.append(f"{'90% cover':<{width}}" + "".join(
+            f"{report['coverage_90'][n]:12.0%}" for n in names))
+    return "\n".join(lines)
+
+
+def _empty_cache(model: SeriesTransformer, batch: int, features: int) -> dict:
+    x_Bx1xF = jnp.zeros((batch, 1, features), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x_Bx1xF, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k", "length", "window", "gaussian"))
+def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: int,
+              gaussian: bool):
+    """Fill path[:, length:length + H, :k] one time after the other: (B, H, K) draws.
+
+    The first `length` times are the history (one prefill); each new value is fed back with one
+    cached step. When `window` times are cached the cache is refilled from the last half-window.
+    """
+    B, P, F = path_BxPxF.shape
+    half = max(window // 2, 1)
+    step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
+                                        mutable=["cache"])
+
+    def prefill(x_BxTxF):
+        out, vars_ = step(_empty_cache(model, B, F), x_BxTxF)
+        return vars_["cache"], out[:, -1]
+
+    def body(carry, t):
+        cache, out_BxO, path, rng = carry
+        rng, key = jax.random.split(rng)
+        y_BxK = out_BxO[:, :k]
+        if gaussian:
+            y_BxK = y_BxK + jnp.exp(0.5 * out_BxO[:, k:]) * jax.random.normal(key, y_BxK.shape)
+        path = jax.lax.dynamic_update_slice(path, y_BxK[:, None], (0, t, 0))
+
+        def slide(_):
+            return prefill(inputs(jax.lax.dynamic_slice(path, (0, t + 1 - half, 0),
+                                                        (B, half + 1, F)), k))
+
+        def advance(_):
+            out, vars_ = step(cache, inputs(jax.lax.dynamic_slice(path, (0, t, 0), (B, 2, F)), k))
+            return vars_["cache"], out[:, -1]
+
+        cache, out_BxO = jax.lax.cond(cache["trunk"]["index"] >= window, slide, advance, None)
+        return (cache, out_BxO, path, rng), y_BxK
+
+    cache, out_BxO = prefill(inputs(path_BxPxF[:, :length + 1], k))
+    _, y_HxBxK = jax.lax.scan(body, (cache, out_BxO, path_BxPxF, rng),
+                              length + jnp.arange(P - length - 1))
+    return y_HxBxK.transpose(1, 0, 2)
+
+
+def simulate(config: Config, params, history_LxF: np.ndarray, future_HxC: np.ndarray, *,
+             samples: int, rng: jax.Array) -> np.ndarray:
+    """Standardised sample paths (samples, H, K) after the history (at most seq_len times),
+    given the covariates of the H forecast times (C may be 0): the mean fed back for a point
+    head, a draw from the predicted Gaussian for a Gaussian head."""
+    k, F = shape(config)
+    L, H = len(history_LxF), len(future_HxC)
+    if not 1 <= L <= config.train.seq_len:
+        raise ValueError(f"the history has {L} times; give 1 to seq_len={config.train.seq_len}")
+    path = np.zeros((samples, L + H + 1, F), np.float32)
+    path[:, :L] = history_LxF
+    path[:, L:L + H, k:] = future_HxC
+    return np.asarray(_simulate(params, jnp.asarray(path), rng,
+                                model=SeriesTransformer(config.model), k=k, length=L,
+                                window=config.train.seq_len,
+                                gaussian=config.train.head == "gaussian"))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A multi-step forecast of K series over H times, in the data's units.
+
+    `median` (H, K); `low`, `high` (H, K) bound the central `interval` of the sample paths
+    (None for a point head); `time` (H,) labels the forecast times ("LAST+h" past the data's
+    end); `history` (L, K) is the data up to the forecast's origin, labelled `history_time`;
+    `actual` (A, K), A <= H, the data's own values at the first A forecast times.
+    """
+
+    names: tuple[str, ...]
+    time: tuple[str, ...]
+    median: np.ndarray
+    low: np.ndarray | None
+    high: np.ndarray | None
+    interval: float
+    history_time: tuple[str, ...]
+    history: np.ndarray
+    actual: np.ndarray
+
+
+def forecast(config: Config, scaler: Scaler, params, table: Series, *, origin: int,
+             horizon: int, samples: int = 1000, interval: float = 0.9, seed: int = 0
+             ) -> Forecast:
+    """Forecast the `horizon` times after row `origin` of `table` from the seq_len rows up to
+    it. A Gaussian head draws `samples` paths; a point head feeds its predictions back once.
+    Known covariates must be in the table for every forecast time."""
+    if not 0 <= origin < len(table):
+        raise ValueError(f"origin={origin} is not a row of the table (0 to {len(table) - 1})")
+    k, after = table.targets, slice(origin + 1, origin + 1 + horizon)
+    n_after = len(table) - origin - 1
+    if table.names[k:] and n_after < horizon:
+        raise UserError(f"the covariates {', '.join(table.names[k:])} are needed at every "
+                        f"forecast time: the data has {n_after} rows after {table.time[origin]}, "
+                        f"not --horizon {horizon}")
+    z_NxF = scaler.apply(table.values)
+    future_HxC = np.zeros((horizon, len(table.names) - k))  # C = 0 without covariates
+    future_HxC[:min(horizon, n_after)] = z_NxF[after, k:]
+    start = max(0, origin + 1 - config.train.seq_len)
+    gaussian = config.train.head == "gaussian"
+    paths = scaler.invert(simulate(config, params, z_NxF[start:origin + 1], future_HxC,
+                                   samples=samples if gaussian else 1,
+                                   rng=jax.random.PRNGKey(seed)))
+    low, median, high = np.quantile(paths, [(1 - interval) / 2, 0.5, (1 + interval) / 2], axis=0)
+    time = table.time[after]
+    time += tuple(f"{table.time[-1]}+{h}" for h in range(1, horizon - len(time) + 1))
+    shown = slice(max(0, origin + 1 - max(3 * horizon, config.train.seq_len)), origin + 1)
+    return Forecast(table.names[:k], time, median, low if gaussian else None,
+                    high if gaussian else None, interval, table.time[shown],
+                    table.values[shown, :k], table.values[after, :k])
+
+
+def forecast_table(result: Forecast) -> str:
+    """One line per forecast time: the median of each series and its interval."""
+    bounds = f" [{(1 - result.interval) / 2:.0%}, {(1 + result.interval) / 2:.0%}]"
+    lines = [f"{'time':<14}" + "".join(f"{n + (bounds if result.low is not None else ''):>26}"
+                                       for n in result.names)]
+    for h, label in enumerate(result.time):
+        cells = [f"{result.median[h, j]:10.4f}" + (
+            f" [{result.low[h, j]:.3f}, {result.high[h, j]:.3f}]" if result.low is not None
+            else "") for j in range(len(result.names))]
+        lines.append(f"{label:<14}" + "".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines)
