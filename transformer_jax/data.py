@@ -179,9 +179,7 @@ def train_batches(tokenizer, text: str, cfg: TrainConfig, row_multiple: int = 1)
             raise UserError(f"the training text ({len(text)} characters) is too short for "
                             f"--streams {cfg.streams}; lower --streams or give a longer corpus")
         return Batches(rows.reshape(-1), rows.shape[2], rows.shape[1], "stream", cfg.seed)
-    if cfg.batch_size % row_multiple:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by {row_multiple} "
-                        f"(data-parallel devices x --micro-batches {cfg.micro_batches})")
+    check_batch_size(cfg, row_multiple)
     docs = documents(tokenizer, text, cfg)
     if cfg.split_docs is not None:
         if not docs:
@@ -219,7 +217,19 @@ def windows(ids: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     return padded[(np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)]
 
 
-def pad_rows(rows: np.ndarray, multiple: int, pad_id: int) -> np.ndarray:
-    """`rows` (N, S) with all-pad rows appended up to a multiple of `multiple`."""
+def pad_rows(rows: np.ndarray, multiple: int, pad_id) -> np.ndarray:
+    """`rows` (N, ...) with all-pad rows appended up to a multiple of `multiple`."""
     extra = -len(rows) % multiple
-    return np.concatenate([rows, np.full((extra, rows.shape[1]), pad_id, rows.dtype)])
+    return np.concatenate([rows, np.full((extra, *rows.shape[1:]), pad_id, rows.dtype)])
+
+
+def eval_batch_size(cfg: TrainConfig, n_dev: int) -> int:
+    """Rows per evaluation batch: --batch-size rounded up to a multiple of the devices."""
+    return -(-cfg.batch_size // n_dev) * n_dev
+
+
+def check_batch_size(cfg: TrainConfig, row_multiple: int) -> None:
+    """Raise UserError unless the rows of a batch split evenly over devices x micro-batches."""
+    if cfg.batch_size % row_multiple:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by {row_multiple} "
+                        f"(data-parallel devices x --micro-batches {cfg.micro_batches})")

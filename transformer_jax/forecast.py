@@ -24,7 +24,7 @@ from flax import linen as nn
 from transformer_jax import data, run, series
 from transformer_jax.config import Config, TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import Trunk
+from transformer_jax.model import Trunk, empty_cache
 from transformer_jax.series import Scaler, Series, column_names
 
 _LOG_2PI = float(np.log(2 * np.pi))
@@ -119,10 +119,7 @@ def _check_sizes(config: Config, n: int, n_train: int, n_dev: int) -> None:
                         f"validation: --seq-len {S} and --ar-order {p} need at least "
                         f"{max(S + 1, 2 * p + 1)} and 1; lower them, change --val-fraction or "
                         "give more rows")
-    if tcfg.batch_size % (n_dev * tcfg.micro_batches):
-        raise UserError(f"--batch-size {tcfg.batch_size} must be divisible by "
-                        f"{n_dev * tcfg.micro_batches} (data-parallel devices x "
-                        f"--micro-batches {tcfg.micro_batches})")
+    data.check_batch_size(tcfg, n_dev * tcfg.micro_batches)
 
 
 def validation_rows(z_NxF: np.ndarray, ends: np.ndarray, length: int, batch: int) -> dict:
@@ -132,9 +129,7 @@ def validation_rows(z_NxF: np.ndarray, ends: np.ndarray, length: int, batch: int
     x = series.windows(z_NxF, ends, length).astype(np.float32)
     w = np.zeros(x.shape[:2], np.float32)
     w[:, -1] = 1.0
-    extra = -len(x) % batch
-    batched = lambda a: np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]).reshape(
-        -1, batch, *a.shape[1:])
+    batched = lambda a: data.pad_rows(a, batch, 0).reshape(-1, batch, *a.shape[1:])
     return {"x": batched(x), "w": batched(w)}
 
 
@@ -156,8 +151,8 @@ def task(config: Config, text: str, mesh, *, say=print) -> run.Task:
         "for validation)")
     batches = data.Batches({"x": z_NxF[:n_train], "w": np.ones(n_train, np.float32)},
                            tcfg.seq_len + 1, tcfg.batch_size, "random", tcfg.seed)
-    eval_batch = -(-tcfg.batch_size // mesh.devices.size) * mesh.devices.size
-    val = validation_rows(z_NxF, np.arange(n_train, n), tcfg.seq_len, eval_batch)
+    val = validation_rows(z_NxF, np.arange(n_train, n), tcfg.seq_len,
+                          data.eval_batch_size(tcfg, mesh.devices.size))
     config = model_config(config)
     model = SeriesTransformer(config.model)
     return run.Task(config, lambda train: series_loss(model, table.targets, tcfg.head,
@@ -229,12 +224,6 @@ def validation_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _empty_cache(model: SeriesTransformer, batch: int, features: int) -> dict:
-    x_Bx1xF = jnp.zeros((batch, 1, features), jnp.float32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x_Bx1xF, decode=True)["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "k", "length", "window", "gaussian"))
 def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: int,
               gaussian: bool):
@@ -249,7 +238,7 @@ def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: in
                                         mutable=["cache"])
 
     def prefill(x_BxTxF):
-        out, vars_ = step(_empty_cache(model, B, F), x_BxTxF)
+        out, vars_ = step(empty_cache(model, jnp.zeros((B, 1, F), jnp.float32)), x_BxTxF)
         return vars_["cache"], out[:, -1]
 
     def body(carry, t):

@@ -253,9 +253,14 @@ def param_shapes(config: TransformerConfig) -> dict:
 
 def init_cache(config: TransformerConfig, batch_size: int) -> dict:
     """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""
-    ids = jnp.zeros((batch_size, 1), jnp.int32)
+    return empty_cache(Transformer(config), jnp.zeros((batch_size, 1), jnp.int32))
+
+
+def empty_cache(model: nn.Module, example_Bx1: jax.Array) -> dict:
+    """The empty decoding cache of any model over the trunk, for inputs shaped like
+    `example_Bx1` (one position of each of B sequences)."""
     shapes = jax.eval_shape(
-        lambda: Transformer(config).init(jax.random.key(0), ids, decode=True)["cache"])
+        lambda: model.init(jax.random.key(0), example_Bx1, decode=True)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

@@ -139,7 +139,7 @@ def datasets(tokenizer, text: str, tcfg, n_dev: int) -> tuple[data.Batches, np.n
     train_text, val_text = data.split_text(text, tcfg.val_fraction)
     batches = data.train_batches(tokenizer, train_text, tcfg,
                                  row_multiple=n_dev * tcfg.micro_batches)
-    eval_batch = -(-tcfg.batch_size // n_dev) * n_dev
+    eval_batch = data.eval_batch_size(tcfg, n_dev)
     val_rows = data.pad_rows(data.eval_rows(tokenizer, val_text, tcfg), eval_batch,
                              tokenizer.pad_id)
     return batches, val_rows.reshape(-1, eval_batch, batches.row_len)

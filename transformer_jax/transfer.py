@@ -88,8 +88,7 @@ def hidden_states(config, params, rows_NxS: np.ndarray, pad_id: int, mesh, batch
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     compute = jax.jit(features, out_shardings=replicated)
     params = run.place(params, replicated)
-    rows = np.concatenate([rows_NxS, np.full((-len(rows_NxS) % step, rows_NxS.shape[1]), pad_id,
-                                             rows_NxS.dtype)])
+    rows = data.pad_rows(rows_NxS, step, pad_id)
     out = [np.asarray(compute(params, run.place(rows[i:i + step], split)))
            for i in tqdm(range(0, len(rows), step), desc="hidden states", unit="batch",
                          disable=quiet, leave=False)]
