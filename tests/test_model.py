@@ -3,6 +3,7 @@ as loops, a full numpy forward pass, and causality/masking invariants."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -367,3 +368,24 @@ def test_decode_steps_never_attend_pad_keys_written_by_an_earlier_call():
                                atol=1e-5, rtol=1e-5)
     logits, _ = step(vars_["cache"], jnp.asarray(ids[:, 5:]), jnp.asarray(valid[:, 5:]))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)
+
+
+def test_remat_gives_the_same_parameters_loss_and_gradients():
+    """--remat only changes what the backward pass keeps, never a number."""
+    cfg = tiny_config(dropout=0.1)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+    params = random_params(cfg)
+
+    def loss(config, p):
+        logits = Transformer(config).apply({"params": p}, ids, train=True,
+                                           rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    remat = with_(cfg, remat=True)
+    assert (jax.tree.structure(init_params(remat, jax.random.PRNGKey(0)))
+            == jax.tree.structure(params))
+    (a, ga), (b, gb) = (jax.value_and_grad(functools.partial(loss, c))(params)
+                        for c in (cfg, remat))
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # float32 rounding

@@ -55,6 +55,9 @@ class TransformerConfig:
     layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm")
     dtype: str = _f("float32", "compute dtype: float32, bfloat16 (parameters, softmax and loss "
                     "stay float32) or float64 (everything, with JAX_ENABLE_X64=1)")
+    remat: bool = _f(False, "recompute each block's activations in the backward pass instead of "
+                     "keeping them (rematerialisation): less memory for about a third more "
+                     "compute")
     head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
                         "set by transfer learning, not a flag", flag=False)
 

@@ -159,7 +159,7 @@ class Block(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, valid_BxT=None, *, offset=None, decode=False, train=False):
+    def __call__(self, x_BxTxD, valid_BxT=None, offset=None, decode=False, train=False):
         cfg = self.config
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name=name)
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=not train)
@@ -199,9 +199,11 @@ class Trunk(nn.Module):
             table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
         x_BxTxD = (x_BxTxD + jnp.take(table, pos_T, axis=0)[None]).astype(_dtype(cfg))
         x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=not train)
+        # Rematerialised blocks keep only their inputs for the backward pass (decode and train
+        # are arguments 4 and 5, counting the module itself as 0).
+        block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         for i in range(cfg.layers):
-            x_BxTxD = Block(cfg, name=f"block_{i}")(
-                x_BxTxD, valid_BxT, offset=offset, decode=decode, train=train)
+            x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset, decode, train)
         if cfg.norm == "pre":
             x_BxTxD = nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name="ln_f")(x_BxTxD)
         return x_BxTxD
