@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step, every "
                    "shape (default 16; 4 with --small)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
+    p.add_argument("--remat", action="store_true", help="train with rematerialised blocks")
+    p.add_argument("--scan-layers", action="store_true", help="train with scanned blocks")
     args = p.parse_args()
     steps = args.steps or (3 if args.small else 10)
     batch = args.batch_size or (4 if args.small else 16)
@@ -112,7 +114,7 @@ def main() -> None:
     say = lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True)
     device = jax.devices()[0].device_kind
     say(f"{jax.device_count()} x {device}, JAX {jax.__version__}; batch {batch}, {steps} steps "
-        "per call")
+        f"per call; remat {args.remat}, scanned layers {args.scan_layers}")
     figures = {"device": device.replace(" ", "_"), "batch_size": batch}
     for dtype in dtypes:
         peak = attempt(f"{dtype} matmul", lambda: common.matmul_peak(matmul_n, dtype))
@@ -121,7 +123,8 @@ def main() -> None:
         figures[f"peak_tflops_{dtype}"] = peak / 1e12
         say(f"{dtype} matmul peak ({matmul_n}^3): {peak / 1e12:.1f} TFLOP/s")
         for name, (config, seq_len) in models.items():
-            config = dataclasses.replace(config, dtype=dtype)
+            config = dataclasses.replace(config, dtype=dtype, remat=args.remat,
+                                         scan_layers=args.scan_layers)
             label = f"{name} {dtype} (seq {seq_len})"
             measured = attempt(label, lambda: train_speed(config, seq_len, batch, steps))
             if measured is None:

@@ -19,7 +19,8 @@ from transformer_jax import run, training
 from transformer_jax.checkpoint import FORMAT, RunCheckpoints
 from transformer_jax.config import Config, TrainConfig, TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import init_params
+from transformer_jax.model import Transformer, init_params, layered
+from transformer_jax.sampling import generate
 from transformer_jax.tokenizer import CharTokenizer
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all "
@@ -286,3 +287,25 @@ def test_resume_on_a_corpus_with_another_vocabulary_raises(full_run, tmp_path):
     with pytest.raises(UserError, match="vocab"):
         run.train(TINY.replace(steps=30), bigger, run_dir, quiet=True)
     assert _step_dirs(run_dir) == [15, 20]
+
+
+def test_scanned_layers_train_resume_and_sample_as_the_unrolled_model(tmp_path):
+    """--scan-layers changes how the blocks are stored and compiled, not what is trained."""
+    two = TINY.replace(layers=2, dropout=0.0)  # dropout masks are drawn per layout
+    scanned_dir = tmp_path / "scanned"
+    run.train(two.replace(scan_layers=True, steps=10), TEXT, scanned_dir, quiet=True)
+    with pytest.raises(UserError, match="scan_layers=True, not False"):
+        run.train(two.replace(steps=20), TEXT, scanned_dir, quiet=True)
+    scanned = run.train(two.replace(scan_layers=True), TEXT, scanned_dir, quiet=True)
+    unrolled = run.train(two, TEXT, tmp_path / "unrolled", quiet=True)
+    np.testing.assert_allclose(scanned["val_loss"], unrolled["val_loss"], rtol=1e-5)
+    config, tok, params, _ = run.load_for_sampling(scanned_dir)
+    assert config.model.scan_layers and "blocks" in params["trunk"]
+    _, _, reference, _ = run.load_for_sampling(tmp_path / "unrolled")
+    for a, b in zip(jax.tree.leaves(layered(params, False)), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # float32 rounding, 20 steps
+    prompt = tok.encode("Now is", add_start=True)
+    new = [generate(Transformer(c.model), p, prompt, max_new_tokens=20, temperature=0.0,
+                    rng=jax.random.PRNGKey(0))
+           for c, p in ((config, params), (config.replace(scan_layers=False), reference))]
+    np.testing.assert_array_equal(*new)

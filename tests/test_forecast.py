@@ -99,9 +99,12 @@ def _reference_paths(config, params, history, future, rng, samples):
     return np.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("head, covariates", [("point", "c"), ("gaussian", None)])
-def test_cached_forecast_matches_a_full_recompute(head, covariates):
-    config = small_config(head=head, covariates=covariates, seq_len=4, max_len=4)
+@pytest.mark.parametrize("head, covariates, scan", [("point", "c", False),
+                                                    ("gaussian", None, False),
+                                                    ("point", "c", True)])
+def test_cached_forecast_matches_a_full_recompute(head, covariates, scan):
+    config = small_config(head=head, covariates=covariates, seq_len=4, max_len=4,
+                          scan_layers=scan)
     k, F = forecast.shape(config)
     params = noisy_params(config, seed=2)
     rng = np.random.default_rng(3)

@@ -8,6 +8,7 @@ so a dropped or swapped tensor changes the logits (test_every_parameter_matters 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from transformer_jax.errors import UserError
 from transformer_jax.gpt2 import config_from_hf, from_pretrained, params_from_state_dict
+from transformer_jax.model import Transformer
 from transformer_jax.sampling import generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
@@ -90,6 +92,18 @@ def test_greedy_matches_transformers(pretrained):
         new = generate(model, params, tokenizer.encode(prompt), max_new_tokens=len(expected),
                        temperature=0.0, rng=jax.random.PRNGKey(0))
         assert new[0].tolist() == expected
+
+
+def test_scanned_layers_load_the_same_model(pretrained):
+    """The key map names per-block tensors; a scanned model gets them stacked, same logits."""
+    model, params, _ = pretrained
+    scanned = dataclasses.replace(model.config, scan_layers=True)
+    stacked = params_from_state_dict(load_file(str(FIXTURE / "model.safetensors")), scanned)
+    assert stacked["trunk"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == scanned.layers
+    reference = np.load(FIXTURE / "reference_logits.npz")
+    for i, ids in enumerate(REFERENCE["prompt_ids"]):
+        np.testing.assert_allclose(logits_of(Transformer(scanned), stacked, ids),
+                                   reference[f"prompt_{i}"], rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("drop", [(), ("tokenizer.json",)], ids=["tokenizer.json", "vocab+merges"])

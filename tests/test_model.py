@@ -14,7 +14,7 @@ from conftest import forward, random_params, tiny_config, with_
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.model import Transformer, Trunk, count_params, init_cache, init_params, \
-    sinusoidal_positions
+    layered, sinusoidal_positions
 
 # ---------------------------------------------------------------------------------------------
 # numpy reference forward pass, written from the parameter tree alone
@@ -389,3 +389,67 @@ def test_remat_gives_the_same_parameters_loss_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # float32 rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# scanned layers: the same model, its blocks stacked and run by lax.scan
+
+
+def test_layered_stacks_blocks_on_a_leading_axis_and_back():
+    cfg = tiny_config(layers=3)
+    params = random_params(cfg)
+    stacked = layered(params, True)
+    assert "block_0" not in stacked["trunk"]
+    kernel = stacked["trunk"]["blocks"]["attn"]["qkv"]["kernel"]
+    assert kernel.shape == (3, *params["trunk"]["block_0"]["attn"]["qkv"]["kernel"].shape)
+    np.testing.assert_array_equal(kernel[2], params["trunk"]["block_2"]["attn"]["qkv"]["kernel"])
+    assert layered(stacked, True)["trunk"] == stacked["trunk"]  # already in that layout
+    assert layered(params, False)["trunk"] == params["trunk"]
+    for a, b in zip(jax.tree.leaves(layered(stacked, False)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    scanned = with_(cfg, scan_layers=True)
+    assert (jax.tree.structure(init_params(scanned, jax.random.PRNGKey(0)))
+            == jax.tree.structure(stacked))
+    for a, b in zip(jax.tree.leaves(init_params(scanned, jax.random.PRNGKey(4))),
+                    jax.tree.leaves(layered(init_params(cfg, jax.random.PRNGKey(4)), True))):
+        np.testing.assert_array_equal(a, b)  # the same seed, the same model
+
+
+@pytest.mark.parametrize("norm,remat", [("pre", False), ("post", False), ("pre", True)])
+def test_scanned_layers_give_the_same_logits_and_gradients(norm, remat):
+    cfg = tiny_config(layers=3, norm=norm)
+    scanned = with_(cfg, scan_layers=True, remat=remat)
+    params = random_params(cfg, seed=3)
+    ids = jnp.asarray(_ids(cfg, 2, 12))
+    valid = np.ones((2, 12), bool)
+    valid[1, :3] = False
+
+    def loss(config, p):
+        logits = Transformer(config).apply({"params": p}, ids, valid)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    (a, la), ga = jax.value_and_grad(functools.partial(loss, cfg), has_aux=True)(params)
+    (b, lb), gb = jax.value_and_grad(functools.partial(loss, scanned), has_aux=True)(
+        layered(params, True))
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(layered(gb, False)), jax.tree.leaves(ga)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)  # float32 rounding
+
+
+def test_scanned_layers_decode_with_a_stacked_cache_like_the_full_pass():
+    unrolled = tiny_config(layers=3)
+    cfg = with_(unrolled, scan_layers=True)
+    params = layered(random_params(unrolled, seed=5), True)
+    ids = _ids(cfg, 2, 9)
+    full = _logits(cfg, params, ids)
+    cache = init_cache(cfg, 2)
+    assert cache["trunk"]["blocks"]["attn"]["key"].shape == (3, 2, cfg.max_len, 2, 8)
+    model = Transformer(cfg)
+    step = jax.jit(lambda cache, ids: model.apply({"params": params, "cache": cache}, ids,
+                                                  decode=True, mutable=["cache"]))
+    logits, vars_ = step(cache, jnp.asarray(ids[:, :6]))
+    np.testing.assert_allclose(logits, full[:, :6], rtol=1e-5, atol=1e-5)
+    for t in range(6, 9):
+        logits, vars_ = step(vars_["cache"], jnp.asarray(ids[:, t:t + 1]))
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)

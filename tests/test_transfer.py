@@ -26,7 +26,7 @@ from transformer_jax import cli, run, training, transfer
 from transformer_jax.config import Config, preset
 from transformer_jax.errors import UserError
 from transformer_jax.gpt2 import from_pretrained
-from transformer_jax.model import Transformer
+from transformer_jax.model import Transformer, layered
 from transformer_jax.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,29 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, finetune):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("finetune", ["head", "full"])
+def test_scanned_layers_fine_tune_like_the_unrolled_model(tmp_path, finetune):
+    one = dict(quiet=True, devices=jax.devices()[:1])
+    run.train(config(finetune, steps=10, scan_layers=True), songs(), tmp_path / "scanned", **one)
+    run.train(config(finetune, steps=10), songs(), tmp_path / "unrolled", **one)
+    (cfg, tok, a, _), (cfg0, _, b, _) = (run.load_for_sampling(tmp_path / name)
+                                         for name in ("scanned", "unrolled"))
+    assert cfg.model.scan_layers and "blocks" in a["trunk"]
+    assert jax.tree.structure(layered(a, False)) == jax.tree.structure(b)
+    # Compared as functions, loosely: Adam's first steps move every weight by about lr
+    # whatever its gradient's size, so float32 rounding that flips the sign of a near-zero
+    # gradient moves a weight by 2 lr (lr 1e-2 here; logits differ by ~2e-4 after one step).
+    ids = jnp.asarray([tok.encode(PROMPT)])
+    np.testing.assert_allclose(Transformer(cfg.model).apply({"params": a}, ids),
+                               Transformer(cfg0.model).apply({"params": b}, ids),
+                               rtol=1e-3, atol=3e-3)
+    np.testing.assert_allclose(val_losses(tmp_path / "scanned"),
+                               val_losses(tmp_path / "unrolled"), rtol=1e-4)
+    new = generate(Transformer(cfg.model), a, tok.encode(PROMPT), max_new_tokens=8,
+                   rng=jax.random.PRNGKey(3))
+    assert new.shape == (1, 8)
+
+
 def test_full_fine_tuning_trains_the_trunk_and_lowers_the_loss(tmp_path, pretrained):
     result = run.train(config("full", steps=30), songs(), tmp_path, quiet=True)
     assert result["val_loss"] < val_losses(tmp_path)[0]
@@ -160,8 +183,10 @@ def test_shape_flags_do_not_apply_to_a_pretrained_model():
     args = cli.train_parser().parse_args(["--init", "gpt2", "--d-model", "64"])
     with pytest.raises(UserError, match="--d-model does not apply with --init gpt2"):
         cli.resolve_config(args)
-    args = cli.train_parser().parse_args(["--init", "gpt2", "--dropout", "0.1"])
-    assert cli.resolve_config(args).model.dropout == 0.1
+    args = cli.train_parser().parse_args(["--init", "gpt2", "--dropout", "0.1", "--remat",
+                                          "--scan-layers"])
+    model = cli.resolve_config(args).model
+    assert (model.dropout, model.remat, model.scan_layers) == (0.1, True, True)
 
 
 # --- the command lines, as the issue asks: head fine-tuning, then sampling ------------------

@@ -22,8 +22,6 @@ _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
             "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN,
             "finetune": config_lib.FINETUNES, "head": config_lib.HEADS}
-# Model flags that a pretrained --init still takes (its config.json fixes the others).
-_PRETRAINED_MODEL_FLAGS = ("dropout", "dtype")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,7 +203,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
         name = str(e).split("=")[0].split()[-1]
         flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
         raise UserError(f"{flag}: {e}") from None
-    shape = [k for k in flags if k in config_lib.MODEL_FIELDS and k not in _PRETRAINED_MODEL_FLAGS]
+    shape = [k for k in flags if k in config_lib.MODEL_FIELDS and k not in config_lib.PRETRAINED_MODEL_FIELDS]
     if config.train.init != "scratch" and shape:
         raise UserError(f"--{shape[0].replace('_', '-')} does not apply with --init "
                         f"{config.train.init}: the pretrained model's config.json fixes its shape")

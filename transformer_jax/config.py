@@ -20,6 +20,8 @@ BATCHINGS = ("random", "stream")
 ON_NAN = ("stop", "skip")
 FINETUNES = ("head", "full")
 HEADS = ("point", "gaussian")
+# Model settings a run may choose for a pretrained model (its config.json fixes the rest).
+PRETRAINED_MODEL_FIELDS = ("dropout", "dtype", "remat", "scan_layers")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -58,6 +60,8 @@ class TransformerConfig:
     remat: bool = _f(False, "recompute each block's activations in the backward pass instead of "
                      "keeping them (rematerialisation): less memory for about a third more "
                      "compute")
+    scan_layers: bool = _f(False, "run the blocks as one lax.scan over parameters stacked on a "
+                           "layer axis: compile time no longer grows with depth")
     head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
                         "set by transfer learning, not a flag", flag=False)
 

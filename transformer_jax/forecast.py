@@ -11,6 +11,7 @@ T positions, F = K + C features, O outputs (K, or 2K for a Gaussian head), H hor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from flax import linen as nn
 from transformer_jax import data, run, series
 from transformer_jax.config import Config, TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import Trunk, empty_cache
+from transformer_jax.model import Trunk, empty_cache, layered
 from transformer_jax.series import Scaler, Series, column_names
 
 _LOG_2PI = float(np.log(2 * np.pi))
@@ -67,7 +68,8 @@ def model_config(config: Config) -> Config:
 def init_params(config: Config, rng: jax.Array) -> dict:
     """Fresh parameters of `model_config(config)`'s model, compiled."""
     x_1x1xF = jnp.zeros((1, 1, shape(config)[1]), jnp.float32)
-    return jax.jit(SeriesTransformer(config.model).init)(rng, x_1x1xF)["params"]
+    unrolled = SeriesTransformer(dataclasses.replace(config.model, scan_layers=False))
+    return layered(jax.jit(unrolled.init)(rng, x_1x1xF)["params"], config.model.scan_layers)
 
 
 def inputs(rows_BxRxF: jax.Array, k: int) -> jax.Array:

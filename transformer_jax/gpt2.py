@@ -9,6 +9,7 @@ BPE. Needs the `gpt2` extra: `pip install 'transformer-jax[gpt2]'`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import Transformer, param_shapes
+from transformer_jax.model import Transformer, layered, param_shapes
 
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 END_OF_TEXT = "<|endoftext|>"
@@ -158,7 +159,8 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], config: TransformerCo
     tensors = {name: value for name, value in tensors.items() if not _BUFFERS.fullmatch(name)}
     key_map = {**_TOP_KEYS, **{("trunk", f"block_{i}", *path): name.format(i=i)
                                for i in range(config.layers) for path, name in _BLOCK_KEYS.items()}}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    unrolled = dataclasses.replace(config, scan_layers=False)  # the map names block_{i}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(unrolled))
 
     def load(path, leaf):
         name = key_map[tuple(k.key for k in path)]
@@ -179,7 +181,7 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], config: TransformerCo
                         "tie_word_embeddings is true")
     if tensors:
         raise UserError(f"{source}: unexpected tensor(s) {', '.join(sorted(tensors))}")
-    return params
+    return layered(params, config.scan_layers)
 
 
 def _snapshot(repo_id: str) -> Path:

@@ -10,6 +10,8 @@ token one more. `init_cache` builds an empty cache.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.extend.backend
 import jax.numpy as jnp
@@ -202,8 +204,18 @@ class Trunk(nn.Module):
         # Rematerialised blocks keep only their inputs for the backward pass (decode and train
         # are arguments 4 and 5, counting the module itself as 0).
         block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
-        for i in range(cfg.layers):
-            x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset, decode, train)
+        if cfg.scan_layers:
+            # One block traced once and run L times by lax.scan over parameters (and caches)
+            # stacked on a leading layer axis: trunk/blocks/... of shape (L, ...).
+            body = lambda mdl, x, valid, at: (mdl(x, valid, at, decode, train), None)
+            layers = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+                             split_rngs={"params": True, "dropout": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.layers)
+            x_BxTxD, _ = layers(block(cfg, name="blocks"), x_BxTxD, valid_BxT, offset)
+        else:
+            for i in range(cfg.layers):
+                x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset, decode,
+                                                        train)
         if cfg.norm == "pre":
             x_BxTxD = nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name="ln_f")(x_BxTxD)
         return x_BxTxD
@@ -240,9 +252,12 @@ class Transformer(nn.Module):
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
     """Freshly initialised parameters, compiled (linen's eager init is slow): float32, or
-    float64 for a float64 model (everything in double precision, for reference checks)."""
+    float64 for a float64 model (everything in double precision, for reference checks).
+
+    The same `rng` gives the same numbers with and without `scan_layers` (only stacked)."""
     ids = jnp.zeros((1, config.max_len), jnp.int32)
-    params = jax.jit(Transformer(config).init)(rng, ids)["params"]
+    unrolled = Transformer(dataclasses.replace(config, scan_layers=False))
+    params = layered(jax.jit(unrolled.init)(rng, ids)["params"], config.scan_layers)
     if config.dtype == "float64":
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     return params
@@ -264,6 +279,22 @@ def empty_cache(model: nn.Module, example_Bx1: jax.Array) -> dict:
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), example_Bx1, decode=True)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def layered(params: dict, scan_layers: bool) -> dict:
+    """`params` (or any tree shaped like them, e.g. Adam's moments) in the layout of a model
+    with `scan_layers`: blocks stacked as trunk/blocks (L, ...), or one trunk/block_i each.
+    Trees already in that layout come back as they are."""
+    trunk = dict(params["trunk"])
+    if scan_layers and "block_0" in trunk:
+        count = sum(1 for name in trunk if name.startswith("block_"))
+        stacked = [trunk.pop(f"block_{i}") for i in range(count)]
+        trunk["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacked)
+    elif not scan_layers and "blocks" in trunk:
+        stacked = trunk.pop("blocks")
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        trunk.update({f"block_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(count)})
+    return {**params, "trunk": trunk}
 
 
 def count_params(params) -> int:

@@ -34,7 +34,7 @@ from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_spec
 # resume. Everything else (learning rate, step count, intervals, dropout) may.
 FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
                    "positions", "max_len", "tie_embeddings", "layer_norm_eps", "head_size",
-                   "batching", "seq_len", "batch_size", "streams", "val_fraction", "split_docs",
+                   "scan_layers", "batching", "seq_len", "batch_size", "streams", "val_fraction", "split_docs",
                    "min_len", "init", "finetune", "columns", "covariates", "time_column",
                    "head", "seed")
 # What differs when another key of the metadata differs.

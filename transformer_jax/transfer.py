@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from transformer_jax import data, gpt2, run, training
-from transformer_jax.config import Config
+from transformer_jax.config import PRETRAINED_MODEL_FIELDS, Config
 from transformer_jax.errors import UserError
-from transformer_jax.model import Transformer, Trunk, count_params, param_shapes
+from transformer_jax.model import Transformer, Trunk, count_params, layered, param_shapes
 
 _NEVER = -1e9  # logit of a token outside the corpus's vocabulary, once mapped back to GPT-2's
 
@@ -112,8 +112,9 @@ def task(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> 
     if tokens.max() >= base_cfg.vocab_size:
         raise UserError(f"the tokenizer of {tcfg.init} gives ids beyond its model's vocabulary "
                         f"({base_cfg.vocab_size})")
-    cfg = dataclasses.replace(base_cfg, dropout=config.model.dropout, dtype=config.model.dtype,
-                              tie_embeddings=False, head_size=len(tokens))
+    cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=len(tokens),
+                              **{k: getattr(config.model, k) for k in PRETRAINED_MODEL_FIELDS})
+    params0 = layered(params0, cfg.scan_layers)
     config = Config(cfg, tcfg)
     meta = {"config": config.to_dict(), "base": identity, "tokens": tokens.tolist()}
     head = restricted_head(np.asarray(params0["embed"]["embedding"]), tokens)
@@ -169,4 +170,5 @@ def for_sampling(config: Config, meta: dict, restore) -> tuple[Config, gpt2.BPET
     head = params["head"]
     full = {"kernel": jnp.zeros((cfg.d_model, cfg.vocab_size)).at[:, tokens].set(head["kernel"]),
             "bias": jnp.full(cfg.vocab_size, _NEVER).at[tokens].set(head["bias"])}
-    return Config(cfg, config.train), tokenizer, {**params, "head": full}
+    return Config(cfg, config.train), tokenizer, layered({**params, "head": full},
+                                                         cfg.scan_layers)
