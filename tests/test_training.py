@@ -174,6 +174,72 @@ def test_optimizer_steps_follow_the_schedule(weight_decay):
         params = optax.apply_updates(params, updates)
 
 
+def _polar(g: np.ndarray) -> np.ndarray:
+    """The nearest semi-orthogonal matrix to g (U V^T of its SVD): what Muon approximates."""
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    return u @ vt
+
+
+def test_muon_orthogonalises_trunk_matrices_and_adam_updates_the_rest():
+    cfg = TrainConfig(optimizer="muon", lr=0.01, muon_lr=0.05, warmup_steps=3, decay_steps=10,
+                      min_lr=0.001)
+    rng = np.random.default_rng(0)
+    # Gradients with columns scaled over 10x, so neither their sign nor their scale is the
+    # answer; wide, so that their singular values stay clear of 0 (3 Newton-Schulz steps do
+    # not lift singular values far below a tenth of the largest).
+    spread = lambda *shape: (rng.normal(size=shape) * np.geomspace(1, 10, shape[-1])
+                             ).astype(np.float32)
+    grads = {"embed": {"embedding": spread(5, 4)},
+             "trunk": {"block_0": {"mlp": {"up": {"kernel": spread(4, 8),
+                                                  "bias": spread(8)}}},
+                       "blocks": {"attn": {"out": {"kernel": spread(3, 4, 8)}}}}}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    tx = training.optimizer(cfg)
+    state = tx.init(params)
+    for t in range(4):
+        updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, params)
+        up = jax.tree.map(np.asarray, updates)
+        params = optax.apply_updates(params, updates)
+        if t == 0:  # the warm-up starts at a learning rate of 0
+            assert not any(np.any(u) for u in jax.tree.leaves(up))
+            continue
+        # AdamW for the embedding and biases, with Nesterov momentum as optax's Muon uses: for
+        # a constant gradient, -lr(t) sign(g) times b1 m_c / (1 - b1^(c+1)) + (1 - b1) /
+        # (1 - b1^c) at update c, where m_c = 1 - b1^c.
+        b1, c = cfg.beta1, t + 1
+        nesterov = b1 * (1 - b1 ** c) / (1 - b1 ** (c + 1)) + (1 - b1) / (1 - b1 ** c)
+        for path in (("embed", "embedding"), ("trunk", "block_0", "mlp", "up", "bias")):
+            got, g = up, grads
+            for k in path:
+                got, g = got[k], g[k]
+            np.testing.assert_allclose(got, -reference_lr(cfg, t) * nesterov * np.sign(g),
+                                       rtol=1e-4)  # eps against the smallest gradients
+        # Muon for trunk kernels: -muon_lr(t) sqrt(max(1, out/in)) times about polar(g), each
+        # layer of a stacked (L, in, out) kernel on its own.
+        scale = reference_lr(cfg, t) * cfg.muon_lr / cfg.lr
+        pairs = [(up["trunk"]["block_0"]["mlp"]["up"]["kernel"] / (-scale * np.sqrt(2.0)),
+                  grads["trunk"]["block_0"]["mlp"]["up"]["kernel"])]
+        pairs += list(zip(up["trunk"]["blocks"]["attn"]["out"]["kernel"] / (-scale * np.sqrt(2.0)),
+                          grads["trunk"]["blocks"]["attn"]["out"]["kernel"]))
+        for got, g in pairs:
+            singular = np.linalg.svd(got, compute_uv=False)
+            assert singular.min() > 0.5 and singular.max() < 1.5, singular  # ~orthogonal
+            cosine = (got * _polar(g)).sum() / np.linalg.norm(got) / np.linalg.norm(_polar(g))
+            assert cosine > 0.95, cosine
+
+
+def test_muon_matrices_are_the_trunks_kernels_only():
+    cfg = TransformerConfig(vocab_size=11, d_model=16, layers=2, heads=2, d_ff=32, max_len=8,
+                            tie_embeddings=False)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    specs = jax.tree_util.tree_flatten_with_path(
+        training.muon_matrices(params), is_leaf=lambda x: x is None or isinstance(
+            x, optax.contrib.MuonDimensionNumbers))[0]
+    muon = {"/".join(k.key for k in path) for path, spec in specs if spec is not None}
+    assert muon == {f"trunk/block_{i}/{name}/kernel" for i in range(2)
+                    for name in ("attn/qkv", "attn/out", "mlp/up", "mlp/down")}
+
+
 def test_optimizer_state_structure_does_not_depend_on_grad_clip():
     """grad_clip may change on resume, so the optimiser state must restore either way."""
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
@@ -226,8 +292,8 @@ def test_evaluate_equals_lecture_totalavgloss():
     rows = data.stream_rows(tok, text, seq_len=16, streams=1)[0]  # 5 rows, the last short
     rows = data.pad_rows(rows, 4, tok.pad_id).reshape(-1, 4, rows.shape[1])  # (2, 4, 18)
     assert rows.shape[0] == 2 and (rows == tok.pad_id).all(axis=-1).any()
-    result = training.evaluate(training.compile_evaluate(mesh, training.lm_loss(model, tok.pad_id, train=False)), params,
-                               jnp.asarray(rows))
+    evaluate = training.compile_evaluate(mesh, training.lm_loss(model, tok.pad_id, train=False))
+    result = training.evaluate(evaluate, params, jnp.asarray(rows))
     total, count = 0.0, 0
     for batch in rows:
         inputs, targets = batch[:, :-1], batch[:, 1:]

@@ -21,7 +21,8 @@ from transformer_jax.errors import RunStopped, UserError
 _CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
             "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
             "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN,
-            "finetune": config_lib.FINETUNES, "head": config_lib.HEADS}
+            "finetune": config_lib.FINETUNES, "head": config_lib.HEADS,
+            "optimizer": config_lib.OPTIMIZERS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,7 +204,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
         name = str(e).split("=")[0].split()[-1]
         flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
         raise UserError(f"{flag}: {e}") from None
-    shape = [k for k in flags if k in config_lib.MODEL_FIELDS and k not in config_lib.PRETRAINED_MODEL_FIELDS]
+    shape = [k for k in flags
+             if k in config_lib.MODEL_FIELDS and k not in config_lib.PRETRAINED_MODEL_FIELDS]
     if config.train.init != "scratch" and shape:
         raise UserError(f"--{shape[0].replace('_', '-')} does not apply with --init "
                         f"{config.train.init}: the pretrained model's config.json fixes its shape")

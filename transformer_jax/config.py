@@ -20,6 +20,7 @@ BATCHINGS = ("random", "stream")
 ON_NAN = ("stop", "skip")
 FINETUNES = ("head", "full")
 HEADS = ("point", "gaussian")
+OPTIMIZERS = ("adamw", "muon")
 # Model settings a run may choose for a pretrained model (its config.json fixes the rest).
 PRETRAINED_MODEL_FIELDS = ("dropout", "dtype", "remat", "scan_layers")
 
@@ -101,7 +102,12 @@ class TrainConfig:
     steps: int | None = _f(None, "total optimiser steps of the run (resume continues up to it)")
     epochs: int | None = _f(None, "stream batching: passes over the text "
                             "(steps = epochs * streams)")
-    lr: float = _f(1e-3, "peak learning rate")
+    optimizer: str = _f("adamw", "adamw: Adam with decoupled weight decay for every parameter; "
+                        "muon: Muon (momentum orthogonalised by Newton-Schulz iterations) for "
+                        "the blocks' weight matrices and AdamW for the rest")
+    lr: float = _f(1e-3, "peak learning rate (with --optimizer muon: of the AdamW part)")
+    muon_lr: float = _f(0.02, "peak learning rate of the Muon part (--optimizer muon); it "
+                        "follows the same warm-up and decay as --lr")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.999, "Adam beta2")
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW); 0 is plain Adam")
@@ -149,7 +155,9 @@ class TrainConfig:
         _one_of(self, "on_nan", ON_NAN)
         _one_of(self, "finetune", FINETUNES)
         _one_of(self, "head", HEADS)
-        _positive(self, "seq_len", "batch_size", "streams", "lr", "eval_every", "save_every",
+        _one_of(self, "optimizer", OPTIMIZERS)
+        _positive(self, "seq_len", "batch_size", "streams", "lr", "muon_lr", "eval_every",
+                  "save_every",
                   "keep", "steps_per_call", "micro_batches", "ar_order")
         self._check_series()
         if self.min_len < 2:
@@ -284,12 +292,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                     seq_len=256, batch_size=16, steps=3000, lr=2e-3, beta2=0.99,
                     weight_decay=0.1, grad_clip=1.0, warmup_steps=100, decay_steps=3000,
                     min_lr=2e-4, eval_every=250, eval_batches=50, save_every=500),
-    # The speed recipe: shallow and narrow at a high learning rate reaches a given loss soonest.
+    # The speed recipe: shallow and narrow, Muon for the blocks' matrices at a high learning
+    # rate, a short schedule; it reaches a given loss soonest (see benchmarks/RESULTS.md).
     "fast": dict(d_model=96, layers=2, heads=4, d_ff=384, activation="gelu", norm="pre",
                  positions="learned", max_len=64, dropout=0.0, batching="random", seq_len=64,
-                 batch_size=12, steps=1400, lr=6e-3, beta2=0.99, weight_decay=0.1,
-                 grad_clip=1.0, warmup_steps=50, decay_steps=1400, min_lr=6e-4,
-                 eval_every=100, eval_batches=20, save_every=1400),
+                 batch_size=12, steps=700, optimizer="muon", lr=1e-2, muon_lr=0.04,
+                 beta2=0.99, weight_decay=0.1, grad_clip=1.0, warmup_steps=50,
+                 decay_steps=700, min_lr=6e-4, eval_every=100, eval_batches=20,
+                 save_every=700),
     # Series models of a few hundred rows (quarterly macro data): tiny, dropout, few steps;
     # chosen on the first 80% of macrodata's training part, the rest of it as validation.
     "series": dict(d_model=16, layers=2, heads=4, d_ff=32, activation="gelu", norm="pre",

@@ -34,9 +34,9 @@ from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_spec
 # resume. Everything else (learning rate, step count, intervals, dropout) may.
 FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
                    "positions", "max_len", "tie_embeddings", "layer_norm_eps", "head_size",
-                   "scan_layers", "batching", "seq_len", "batch_size", "streams", "val_fraction", "split_docs",
-                   "min_len", "init", "finetune", "columns", "covariates", "time_column",
-                   "head", "seed")
+                   "scan_layers", "batching", "seq_len", "batch_size", "streams",
+                   "val_fraction", "split_docs", "min_len", "init", "finetune", "columns",
+                   "covariates", "time_column", "head", "optimizer", "seed")
 # What differs when another key of the metadata differs.
 _META_NAMES = {"tokenizer": "a corpus with another vocabulary",
                "base": "another pretrained model", "tokens": "a corpus with other tokens"}
@@ -212,8 +212,9 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     tx = training.optimizer(tcfg)
     replicated = NamedSharding(mesh, P())
     make_state = lambda params: training.init_state(params, tcfg)
+    initial = task.init_params()  # compiled and cheap; its shapes are also the restore target's
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            jax.eval_shape(lambda: make_state(task.init_params())))
+                            jax.eval_shape(make_state, initial))
 
     if fresh and run_dir.exists() and lead:
         check_own(run_dir)  # never delete another program's files
@@ -232,8 +233,7 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
         if lead:
             _drop_metrics_after(run_dir / "metrics.jsonl", start)
     else:
-        state = jax.jit(make_state, out_shardings=replicated)(
-            place(task.init_params(), replicated))
+        state = jax.jit(make_state, out_shardings=replicated)(place(initial, replicated))
     if start >= total_steps:
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
             f"of {total_steps}; give a larger --steps to continue")
@@ -251,7 +251,7 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     starts_sharding = NamedSharding(mesh, P(None, "data"))
     val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
                 else val_all)
-    schedule = training.learning_rate(tcfg)
+    schedule = jax.jit(training.learning_rate(tcfg))  # one compiled call, not ten eager ops
     metrics_path = run_dir / "metrics.jsonl"
 
     target = tcfg.target_loss
