@@ -219,6 +219,15 @@ def test_degenerate_settings_are_greedy(kw):
         np.testing.assert_array_equal(np.asarray(got), LOGITS.argmax(-1))
 
 
+def test_no_nucleus_draws_what_top_p_1_draws():
+    """top_p=None skips the nucleus step (generate does so for top_p 1): the same draws."""
+    for seed in range(5):
+        key = jax.random.PRNGKey(seed)
+        every = _sample(jnp.asarray(LOGITS), key, jnp.float32(1.0), 0, jnp.float32(1.0))
+        skipped = _sample(jnp.asarray(LOGITS), key, jnp.float32(1.0), 0, None)
+        np.testing.assert_array_equal(np.asarray(skipped), np.asarray(every))
+
+
 @pytest.mark.parametrize("top_p", [1e-30, 1e-38, 1e-45, 1e-300])
 def test_top_p_below_float32_normal_range_still_keeps_the_top_token(top_p):
     """The nucleus always holds the most likely token, however small top_p > 0 is; a top_p

@@ -25,7 +25,8 @@ from flax import linen as nn
 from transformer_jax import data, run, series
 from transformer_jax.config import Config, TransformerConfig
 from transformer_jax.errors import UserError
-from transformer_jax.model import Trunk, empty_cache, layered
+from transformer_jax.model import Trunk, layered
+from transformer_jax.sampling import autoregress
 from transformer_jax.series import Scaler, Series, column_names
 
 _LOG_2PI = float(np.log(2 * np.pi))
@@ -229,42 +230,20 @@ def validation_table(report: dict) -> str:
 @functools.partial(jax.jit, static_argnames=("model", "k", "length", "window", "gaussian"))
 def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: int,
               gaussian: bool):
-    """Fill path[:, length:length + H, :k] one time after the other: (B, H, K) draws.
-
-    The first `length` times are the history (one prefill); each new value is fed back with one
-    cached step. When `window` times are cached the cache is refilled from the last half-window.
-    """
-    B, P, F = path_BxPxF.shape
-    half = max(window // 2, 1)
-    step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
-                                        mutable=["cache"])
-
-    def prefill(x_BxTxF):
-        out, vars_ = step(empty_cache(model, jnp.zeros((B, 1, F), jnp.float32)), x_BxTxF)
-        return vars_["cache"], out[:, -1]
-
-    def body(carry, t):
-        cache, out_BxO, path, rng = carry
-        rng, key = jax.random.split(rng)
+    """Fill path[:, length:, :k] but the last time, one time after the other: (B, H, K) draws
+    (a cached step each, the first `length` times the history; see `sampling.autoregress`)."""
+    def draw(out_BxO, key):
         y_BxK = out_BxO[:, :k]
         if gaussian:
             y_BxK = y_BxK + jnp.exp(0.5 * out_BxO[:, k:]) * jax.random.normal(key, y_BxK.shape)
-        path = jax.lax.dynamic_update_slice(path, y_BxK[:, None], (0, t, 0))
+        return y_BxK
 
-        def slide(_):
-            return prefill(inputs(jax.lax.dynamic_slice(path, (0, t + 1 - half, 0),
-                                                        (B, half + 1, F)), k))
-
-        def advance(_):
-            out, vars_ = step(cache, inputs(jax.lax.dynamic_slice(path, (0, t, 0), (B, 2, F)), k))
-            return vars_["cache"], out[:, -1]
-
-        cache, out_BxO = jax.lax.cond(cache["trunk"]["index"] >= window, slide, advance, None)
-        return (cache, out_BxO, path, rng), y_BxK
-
-    cache, out_BxO = prefill(inputs(path_BxPxF[:, :length + 1], k))
-    _, y_HxBxK = jax.lax.scan(body, (cache, out_BxO, path_BxPxF, rng),
-                              length + jnp.arange(P - length - 1))
+    # The inputs of time t are the series at t and the covariates at t + 1.
+    inputs_at = lambda path, start, n: inputs(
+        jax.lax.dynamic_slice_in_dim(path, start, n + 1, axis=1), k)
+    y_HxBxK = autoregress(model, params, path_BxPxF, length, rng,
+                          count=path_BxPxF.shape[1] - length - 1, width=length, window=window,
+                          draw=draw, inputs_at=inputs_at)
     return y_HxBxK.transpose(1, 0, 2)
 
 

@@ -15,26 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax.model import Transformer, init_cache
+from transformer_jax.model import Transformer, empty_cache
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
-                  top_k: int = 0, top_p: jax.Array = 1.0) -> jax.Array:
+                  top_k: int = 0, top_p: jax.Array | None = 1.0) -> jax.Array:
     """Next token ids (B,) from logits: greedy at temperature 0, else softmax(logits / T)
-    restricted to the `top_k` largest (0: all) and the smallest set of probability >= `top_p`."""
+    restricted to the `top_k` largest (0: all) and the smallest set of probability >= `top_p`
+    (None: no such restriction, as 1.0 but without sorting the vocabulary)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
     if top_k:
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    # Keep each token whose predecessors' mass is still below top_p (the first always).
-    keep_BxV = (mass_before_BxV < top_p) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
-    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    if top_p is not None:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        # Keep each token whose predecessors' mass is still below top_p (the first always).
+        keep_BxV = (mass_before_BxV < top_p) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
+        cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
     sampled_B = jax.random.categorical(rng, logits_BxV, axis=-1)
     return jnp.where(temperature == 0, greedy_B, sampled_B)
 
@@ -56,48 +58,71 @@ def check_arguments(*, max_new_tokens: int, temperature: float, top_k: int, top_
             raise ValueError(f"{name}={value} {rule}")
 
 
-def _with_index(cache: dict, index) -> dict:
-    """`cache` with its write position (the trunk's "index" variable) set to `index`."""
-    return {**cache, "trunk": {**cache["trunk"], "index": jnp.asarray(index, jnp.int32)}}
+def autoregress(model: nn.Module, params, buffer, length, rng, *, count: int, width: int,
+                window: int, draw, inputs_at):
+    """Extend a prompt by `count` values, one cached step each: (count, B, ...) draws.
 
+    Serves any model over the trunk: token ids here, real-valued series in forecast.py.
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k"))
-def _generate(params, context_BxW, length, rng, temperature, top_p, *, model: nn.Module,
-              max_new_tokens: int, top_k: int):
-    """New tokens (B, max_new_tokens) after the first `length` tokens of `context_BxW`."""
-    cfg = model.config
-    B, W = context_BxW.shape
-    half = max(W // 2, 1)
-    step = lambda cache, ids: model.apply({"params": params, "cache": cache}, ids,
-                                          decode=True, mutable=["cache"])
+    Args:
+      buffer: (B, P, ...) array; positions [0, length) hold the prompt (of the first `width`,
+        a static size, the rest ignored), and each new value is written at the next position.
+      length: positions of prompt (an int32 scalar, may be traced).
+      draw: (model output at the newest position (B, O), rng key) -> the next value (B, ...).
+      inputs_at: (buffer, start, n) -> the model's inputs for positions [start, start + n).
+      window: positions the cache holds; once full it is refilled from the last half-window
+        (absolute positions cannot slide inside a cache), one prefill per half-window.
+    """
+    half = max(window // 2, 1)
+    step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
+                                        mutable=["cache"])
 
-    def prefill(ids_BxT, n):
-        """Fresh cache holding the first n of ids; logits after token n."""
-        logits, vars_ = step(init_cache(cfg, B), ids_BxT)
-        return _with_index(vars_["cache"], n), logits[:, n - 1]
-
-    cache, logits_BxV = prefill(context_BxW, length)
-    text_BxL = jnp.concatenate([context_BxW, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    def prefill(buffer, start, n, used):
+        """A fresh cache of positions [start, start + used) (inputs read: n >= used), and the
+        output at the last of them."""
+        x = inputs_at(buffer, start, n)
+        out, vars_ = step(empty_cache(model, x[:, :1]), x)
+        trunk = {**vars_["cache"]["trunk"], "index": jnp.asarray(used, jnp.int32)}
+        return {**vars_["cache"], "trunk": trunk}, out[:, used - 1]
 
     def body(carry, i):
-        cache, logits_BxV, text_BxL, rng = carry
+        cache, out, buffer, rng = carry
         rng, key = jax.random.split(rng)
-        token_B = sample_logits(logits_BxV, key, temperature, top_k, top_p).astype(jnp.int32)
-        pos = length + i
-        text_BxL = jax.lax.dynamic_update_slice(text_BxL, token_B[:, None], (0, pos))
-
-        def slide(_):
-            return prefill(jax.lax.dynamic_slice(text_BxL, (0, pos + 1 - half), (B, half)), half)
+        value = draw(out, key)
+        at = length + i
+        buffer = jax.lax.dynamic_update_slice(
+            buffer, value[:, None].astype(buffer.dtype), (0, at) + (0,) * (buffer.ndim - 2))
 
         def advance(_):
-            logits, vars_ = step(cache, token_B[:, None])
-            return vars_["cache"], logits[:, 0]
+            out, vars_ = step(cache, inputs_at(buffer, at, 1))
+            return vars_["cache"], out[:, -1]
 
-        cache, logits_BxV = jax.lax.cond(cache["trunk"]["index"] >= W, slide, advance, None)
-        return (cache, logits_BxV, text_BxL, rng), token_B
+        slide = lambda _: prefill(buffer, at + 1 - half, half, half)
+        cache, out = jax.lax.cond(cache["trunk"]["index"] >= window, slide, advance, None)
+        return (cache, out, buffer, rng), value
 
-    _, tokens_NxB = jax.lax.scan(body, (cache, logits_BxV, text_BxL, rng),
-                                 jnp.arange(max_new_tokens))
+    cache, out = prefill(buffer, 0, width, length)
+    return jax.lax.scan(body, (cache, out, buffer, rng), jnp.arange(count))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy",
+                                             "nucleus"))
+def _generate(params, context_BxW, length, rng, temperature, top_p, *, model: nn.Module,
+              max_new_tokens: int, top_k: int, greedy: bool, nucleus: bool):
+    """New tokens (B, max_new_tokens) after the first `length` tokens of `context_BxW`;
+    `greedy` (temperature 0) and `nucleus` (top_p < 1) leave out what is not needed: greedy
+    decoding neither sorts nor draws, a fifth of a small model's cached step."""
+    B, W = context_BxW.shape
+    text_BxL = jnp.concatenate([context_BxW, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    if greedy:
+        draw = lambda logits_BxV, key: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    else:
+        draw = lambda logits_BxV, key: sample_logits(logits_BxV, key, temperature, top_k,
+                                                     top_p if nucleus else None)
+    tokens_NxB = autoregress(
+        model, params, text_BxL, length, rng, count=max_new_tokens, width=W, window=W,
+        draw=draw,
+        inputs_at=lambda text, start, n: jax.lax.dynamic_slice_in_dim(text, start, n, axis=1))
     return tokens_NxB.T
 
 
@@ -126,7 +151,8 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
         return np.zeros((num_samples, 0), np.int32)
     tokens = _generate(params, jnp.asarray(context), jnp.int32(len(prompt)), rng,
                        jnp.float32(temperature), jnp.float32(top_p), model=model,
-                       max_new_tokens=max_new_tokens, top_k=top_k)
+                       max_new_tokens=max_new_tokens, top_k=top_k, greedy=temperature == 0,
+                       nucleus=top_p < 1)
     return np.asarray(tokens)
 
 
