@@ -157,8 +157,7 @@ class TrainConfig:
         _one_of(self, "head", HEADS)
         _one_of(self, "optimizer", OPTIMIZERS)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "muon_lr", "eval_every",
-                  "save_every",
-                  "keep", "steps_per_call", "micro_batches", "ar_order")
+                  "save_every", "keep", "steps_per_call", "micro_batches", "ar_order")
         self._check_series()
         if self.min_len < 2:
             raise ValueError(f"min_len={self.min_len} must be at least 2 (a document needs a "
