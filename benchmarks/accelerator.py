@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -63,14 +64,21 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
     """(tokens/s, seconds/step) of steady-state training."""
     train = TrainConfig(seq_len=seq_len, batch_size=batch)
     pad_id = config.vocab_size  # outside the vocabulary: no random token is padding
+    mesh = training.data_mesh()
     chunk = training.compile_train_chunk(
-        training.data_mesh(), training.lm_loss(Transformer(config), pad_id),
-        training.optimizer(train), seq_len + 1)
-    state = training.init_state(init_params(config, jax.random.PRNGKey(0)), train)
+        mesh, training.lm_loss(Transformer(config), pad_id), training.optimizer(train),
+        seq_len + 1)
+    # Laid out once as train.py lays them out, so that no call re-lays out its inputs.
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(lambda p: training.init_state(p, train), out_shardings=replicated)(
+        init_params(config, jax.random.PRNGKey(0)))
     data_key, starts_key = jax.random.split(jax.random.PRNGKey(1))
     tokens = steps * batch * (seq_len + 1)
-    source = jax.random.randint(data_key, (tokens,), 0, config.vocab_size, jnp.int32)
-    starts = jax.random.randint(starts_key, (steps, batch), 0, tokens - seq_len - 1)
+    source = jax.device_put(
+        jax.random.randint(data_key, (tokens,), 0, config.vocab_size, jnp.int32), replicated)
+    starts = jax.device_put(jax.random.randint(starts_key, (steps, batch), 0,
+                                               tokens - seq_len - 1),
+                            NamedSharding(mesh, P(None, "data")))
 
     def run():
         nonlocal state

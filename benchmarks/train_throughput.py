@@ -27,9 +27,9 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
             seconds: float) -> tuple[float, float]:
     """(tokens/s, FLOPs/token) of steady-state training at this shape."""
     import jax
-    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from transformer_jax import data, training
+    from transformer_jax import data, run, training
     from transformer_jax.config import Config
     from transformer_jax.model import Transformer, flops_per_token, init_params
     from transformer_jax.tokenizer import CharTokenizer
@@ -44,14 +44,19 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
     tx = training.optimizer(config.train)
     chunk = training.compile_train_chunk(mesh, training.lm_loss(model, tok.pad_id), tx,
                                          batches.row_len)
-    state = training.init_state(init_params(config.model, jax.random.PRNGKey(0)), config.train)
-    source = jnp.asarray(batches.source)
+    # Inputs laid out as train.py lays them out (run.fit): arrays the chunk would otherwise
+    # re-lay out on every call, which halved the measured speed.
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(lambda p: training.init_state(p, config.train), out_shardings=replicated)(
+        run.place(init_params(config.model, jax.random.PRNGKey(0)), replicated))
+    source = run.place(batches.source, replicated)
+    starts = lambda step: run.place(batches.starts(step, k), NamedSharding(mesh, P(None, "data")))
     k = config.train.steps_per_call
-    state, out = chunk(state, source, jnp.asarray(batches.starts(0, k)))  # compile + warm up
+    state, out = chunk(state, source, starts(0))  # compile + warm up
     jax.block_until_ready(out)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or steps < 2 * k:
-        state, out = chunk(state, source, jnp.asarray(batches.starts(steps, k)))
+        state, out = chunk(state, source, starts(steps))
         jax.block_until_ready(out)
         steps += k
     elapsed = time.perf_counter() - t0
