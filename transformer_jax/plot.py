@@ -31,26 +31,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def _pyplot(what: str):
-    """matplotlib.pyplot drawing into files, or UserError with the install hint for `what`."""
+def _figure(what: str, **kw):
+    """A matplotlib Figure for drawing into a file (no pyplot, no display, no global state),
+    or UserError with the install hint for `what`."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
+        import matplotlib.figure
     except ImportError:
         raise UserError(f"{what} needs matplotlib: pip install 'transformer-jax[plot]'"
                         ) from None
-    return plt
+    return matplotlib.figure.Figure(**kw)
 
 
 def plot_run(run_dir: str | Path, ylabel: str = CROSS_ENTROPY) -> Path:
     """Draw train and validation loss against steps into RUN_DIR/loss.png; return its path."""
-    plt = _pyplot("the loss curve")
+    fig = _figure("the loss curve", figsize=(7, 4.2), dpi=120)
     records = read_metrics(run_dir)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train (mean over the logged steps)", color="tab:blue")
     if val:
@@ -63,7 +61,6 @@ def plot_run(run_dir: str | Path, ylabel: str = CROSS_ENTROPY) -> Path:
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
@@ -71,12 +68,12 @@ def plot_forecast(result, path: str | Path) -> Path:
     """Draw a `forecast.Forecast` into `path`: one panel per series with its recent history,
     the median forecast, its interval (Gaussian head) and the actual values where the data has
     them. Returns `path`."""
-    plt = _pyplot("the forecast picture")
+    fig = _figure("the forecast picture", dpi=120)
+    k = len(result.names)
+    fig.set_size_inches(8, 2.6 * k + 0.6)
     L, H = len(result.history), len(result.median)
     past, ahead = range(-L + 1, 1), range(1, H + 1)
-    k = len(result.names)
-    fig, axes = plt.subplots(k, 1, figsize=(8, 2.6 * k + 0.6), dpi=120, sharex=True,
-                             squeeze=False)
+    axes = fig.subplots(k, 1, sharex=True, squeeze=False)
     for j, ax in enumerate(axes[:, 0]):
         last = [result.history[-1, j]]  # the lines after the origin start from its value
         ax.plot(past, result.history[:, j], color="black", lw=1.2, label="history")
@@ -98,7 +95,6 @@ def plot_forecast(result, path: str | Path) -> Path:
     axes[0, 0].set_title(f"forecast of {H} steps from {result.history_time[-1]}")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
