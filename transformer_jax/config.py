@@ -296,10 +296,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rate, a short schedule; it reaches a given loss soonest (see benchmarks/RESULTS.md).
     "fast": dict(d_model=96, layers=2, heads=4, d_ff=384, activation="gelu", norm="pre",
                  positions="learned", max_len=64, dropout=0.0, batching="random", seq_len=64,
-                 batch_size=12, steps=700, optimizer="muon", lr=1e-2, muon_lr=0.04,
+                 batch_size=12, steps=750, optimizer="muon", lr=1e-2, muon_lr=0.04,
                  beta2=0.99, weight_decay=0.1, grad_clip=1.0, warmup_steps=50,
-                 decay_steps=700, min_lr=6e-4, eval_every=100, eval_batches=20,
-                 save_every=700),
+                 decay_steps=750, min_lr=6e-4, eval_every=100, eval_batches=20,
+                 save_every=750),
     # Series models of a few hundred rows (quarterly macro data): tiny, dropout, few steps;
     # chosen on the first 80% of macrodata's training part, the rest of it as validation.
     "series": dict(d_model=16, layers=2, heads=4, d_ff=32, activation="gelu", norm="pre",
