@@ -1,6 +1,6 @@
-"""How many steps variants of the `fast` recipe need to reach a validation loss: the search
-behind the preset. Each variant trains in this process (2 host devices, as train.py) and is
-evaluated on the whole validation split every --eval-every steps.
+"""How many steps variants of a preset's recipe (`fast` by default) need to reach a validation
+loss: the search behind the `fast` preset. Each variant trains in this process (2 host
+devices, as train.py) and is evaluated on the whole validation split every --eval-every steps.
 
     python benchmarks/steps_to_loss.py --data ../shared/data/tinyshakespeare.txt \\
         "optimizer=muon" "optimizer=adamw lr=6e-3 steps=1400 decay_steps=1400"
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="text corpus (tinyshakespeare)")
     p.add_argument("--target", type=float, default=1.886, help="validation loss to reach")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    p.add_argument("--preset", default="fast", help="the preset the variants change")
     p.add_argument("variants", nargs="+", help="changes to the fast preset, e.g. 'lr=1e-2'")
     args = p.parse_args()
     common.use_cpu_cores()
@@ -49,7 +50,7 @@ def main() -> None:
     text = read_text(args.data)
     figures = {}
     for i, variant in enumerate(args.variants):
-        config = preset("fast").replace(eval_batches=0, eval_every=args.eval_every,
+        config = preset(args.preset).replace(eval_batches=0, eval_every=args.eval_every,
                                         **parse(variant))
         with tempfile.TemporaryDirectory() as run_dir:
             start = time.perf_counter()

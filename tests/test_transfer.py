@@ -45,7 +45,8 @@ def songs(n: int = 40, seed: int = 0) -> str:
 
 def config(finetune: str, steps: int = 20, **changes) -> Config:
     return preset("default").replace(**{
-        **dict(init=str(FIXTURE), finetune=finetune, split_docs="<body>(.*?)</body>",
+        **dict(init=str(FIXTURE), finetune=finetune, optimizer="adamw",  # as train.py does
+               split_docs="<body>(.*?)</body>",
                min_len=5, seq_len=24, batch_size=4, steps=steps, lr=1e-2, warmup_steps=0,
                decay_steps=0, weight_decay=0.0, eval_every=10, save_every=10, steps_per_call=5),
         **changes})
@@ -187,6 +188,17 @@ def test_shape_flags_do_not_apply_to_a_pretrained_model():
                                           "--scan-layers"])
     model = cli.resolve_config(args).model
     assert (model.dropout, model.remat, model.scan_layers) == (0.1, True, True)
+
+
+def test_a_pretrained_model_is_fine_tuned_with_adamw_unless_told_otherwise(tmp_path):
+    assert preset("default").train.optimizer == "muon"  # a recipe for training from scratch
+    resolve = lambda *argv: cli.resolve_config(cli.train_parser().parse_args(list(argv)))
+    assert resolve("--init", "gpt2").train.optimizer == "adamw"
+    assert resolve("--init", "gpt2", "--optimizer", "muon").train.optimizer == "muon"
+    file = tmp_path / "muon.json"
+    file.write_text(json.dumps({"optimizer": "muon"}))
+    assert resolve("--init", "gpt2", "--config", str(file)).train.optimizer == "muon"
+    assert resolve().train.optimizer == "muon"
 
 
 # --- the command lines, as the issue asks: head fine-tuning, then sampling ------------------

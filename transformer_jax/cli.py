@@ -193,13 +193,17 @@ def use_cpu_devices(n: int) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.Config:
-    """Preset, then the --config file, then explicit flags."""
+    """Preset, then the --config file, then explicit flags.
+
+    A pretrained --init is fine-tuned with AdamW unless the file or a flag names the optimizer:
+    the presets' Muon is a recipe for training from scratch.
+    """
     flags = {k: v for k, v in vars(args).items() if k in config_lib.FIELDS}
     try:
-        config = config_lib.preset(args.preset)
-        if args.config:
-            config = config.replace(**_read_config_file(args.config))
-        config = config.replace(**flags)
+        file = _read_config_file(args.config) if args.config else {}
+        config = config_lib.preset(args.preset).replace(**file).replace(**flags)
+        if config.train.init != "scratch" and "optimizer" not in {**file, **flags}:
+            config = config.replace(optimizer="adamw")
     except ValueError as e:
         name = str(e).split("=")[0].split()[-1]
         flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
