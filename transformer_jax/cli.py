@@ -249,7 +249,6 @@ def _train(argv: list[str] | None) -> None:
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
     if series_run:
-        _quiet_orbax()
         print(forecast.validation_table(forecast.validate(args.run_dir, text)))
         print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(args.run_dir)} "
               f"--data {shlex.quote(path)} --horizon 8")
@@ -294,7 +293,6 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def _sample(argv: list[str] | None) -> None:
     args = sample_parser().parse_args(argv)
-    _quiet_orbax()
     use_compile_cache()
     from transformer_jax import run, sampling
 
@@ -359,7 +357,6 @@ def _forecast(argv: list[str] | None) -> None:
     args = forecast_parser().parse_args(argv)
     if not 0 < args.interval < 1:
         raise UserError(f"--interval {args.interval} must be between 0 and 1")
-    _quiet_orbax()
     use_compile_cache()
     from transformer_jax import data, forecast, plot, run
 
@@ -377,14 +374,6 @@ def _forecast(argv: list[str] | None) -> None:
         print(f"picture: {plot.plot_forecast(result, Path(args.run_dir) / 'forecast.png')}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no picture: {e}")
-
-
-def _quiet_orbax() -> None:
-    """Silence the absl warnings orbax logs when it opens a checkpoint read-only: they are not
-    for users."""
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def _warn(message: str) -> None:
