@@ -30,7 +30,7 @@ import common  # noqa: E402
 import gpt2  # noqa: E402
 from train_throughput import SHAPES as CORE_SHAPES  # noqa: E402
 
-from transformer_jax import training  # noqa: E402
+from transformer_jax import run, training  # noqa: E402
 from transformer_jax.config import TrainConfig, TransformerConfig  # noqa: E402
 from transformer_jax.model import Transformer, flops_per_token, init_params  # noqa: E402
 
@@ -70,8 +70,7 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
         seq_len + 1)
     # Laid out once as train.py lays them out, so that no call re-lays out its inputs.
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(lambda p: training.init_state(p, train), out_shardings=replicated)(
-        init_params(config, jax.random.PRNGKey(0)))
+    state = run.fresh_state(init_params(config, jax.random.PRNGKey(0)), train, mesh)
     data_key, starts_key = jax.random.split(jax.random.PRNGKey(1))
     tokens = steps * batch * (seq_len + 1)
     source = jax.device_put(
@@ -80,12 +79,12 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
                                                tokens - seq_len - 1),
                             NamedSharding(mesh, P(None, "data")))
 
-    def run():
+    def one_call():
         nonlocal state
         state, metrics = chunk(state, source, starts)
         jax.block_until_ready(metrics)
 
-    seconds = common.best_seconds(run, repeats=2) / steps
+    seconds = common.best_seconds(one_call, repeats=2) / steps
     return batch * seq_len / seconds, seconds
 
 

@@ -57,8 +57,7 @@ def main() -> None:
     starts_np = batches.starts(0, args.steps)  # (K, B)
     starts = run.place(starts_np, NamedSharding(mesh, P(None, "data")))
     host_rows = lambda: source_np[starts_np[..., None] + np.arange(batches.row_len)]  # (K, B, S)
-    fresh = lambda: jax.jit(lambda p: training.init_state(p, tcfg), out_shardings=replicated)(
-        run.place(task.init_params(), replicated))
+    fresh = lambda: run.fresh_state(task.init_params(), tcfg, mesh)
 
     def timed(name, call):
         state = fresh()

@@ -47,8 +47,8 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
     # Inputs laid out as train.py lays them out (run.fit): arrays the chunk would otherwise
     # re-lay out on every call, which halved the measured speed.
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(lambda p: training.init_state(p, config.train), out_shardings=replicated)(
-        run.place(init_params(config.model, jax.random.PRNGKey(0)), replicated))
+    state = run.fresh_state(init_params(config.model, jax.random.PRNGKey(0)), config.train,
+                            mesh)
     source = run.place(batches.source, replicated)
     starts = lambda step: run.place(batches.starts(step, k), NamedSharding(mesh, P(None, "data")))
     k = config.train.steps_per_call

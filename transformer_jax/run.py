@@ -211,10 +211,9 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     total_steps = tcfg.total_steps()
     tx = training.optimizer(tcfg)
     replicated = NamedSharding(mesh, P())
-    make_state = lambda params: training.init_state(params, tcfg)
     initial = task.init_params()  # compiled and cheap; its shapes are also the restore target's
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            jax.eval_shape(make_state, initial))
+                            jax.eval_shape(lambda p: training.init_state(p, tcfg), initial))
 
     if fresh and run_dir.exists() and lead:
         check_own(run_dir)  # never delete another program's files
@@ -233,7 +232,7 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
         if lead:
             _drop_metrics_after(run_dir / "metrics.jsonl", start)
     else:
-        state = jax.jit(make_state, out_shardings=replicated)(place(initial, replicated))
+        state = fresh_state(initial, tcfg, mesh)
     if start >= total_steps:
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
             f"of {total_steps}; give a larger --steps to continue")
@@ -373,6 +372,14 @@ class _StopRequests:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def fresh_state(params, tcfg, mesh) -> training.TrainState:
+    """A new training state for `params` (host or device arrays), replicated over `mesh` as the
+    compiled chunk takes it: laid out once, not re-laid out on every call."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(lambda p: training.init_state(p, tcfg), out_shardings=replicated)(
+        place(params, replicated))
 
 
 def place(tree, sharding: NamedSharding):
