@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,9 @@ class RunCheckpoints:
             raise self._write_error(self._last_saved, e) from None
 
     def _write_error(self, step: int | None, e: Exception) -> UserError:
+        # The failed save leaves orbax coroutines that are never awaited; their warnings at
+        # exit would add lines to the one-line error.
+        warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
         self._manager.reload()  # orbax forgot the steps the failed save was to replace
         latest = self.latest_step()
         kept = f"step {latest} is kept" if latest is not None else "no step is saved yet"
