@@ -226,7 +226,8 @@ def from_pretrained(name_or_path: str | os.PathLike) -> tuple[Transformer, dict,
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{config_path} does not exist") from None
+        raise UserError(f"{config_path} does not exist: {directory} is no GPT-2 in Hugging "
+                        "Face layout (config.json, model.safetensors, tokenizer.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{config_path}: cannot read it as JSON ({e})") from None
     config = config_from_hf(hf, str(config_path))
