@@ -79,12 +79,8 @@ class RunCheckpoints:
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of `step`: {"format", "config", "tokenizer", "data_position"}."""
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # orbax raises many types for a missing or corrupt file
-            raise UnreadableCheckpoint(f"checkpoint step {step} in {self.dir}: metadata "
-                                       f"unreadable ({type(e).__name__})") from None
+        meta = self._restore(step, "meta", ocp.args.JsonRestore(), lambda e: (
+            f"checkpoint step {step} in {self.dir}: metadata unreadable ({type(e).__name__})"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"checkpoint step {step} in {self.dir} is not a transformer-jax "
                             "checkpoint")
@@ -96,27 +92,28 @@ class RunCheckpoints:
         Call it after checking the step's metadata against the model: a failure then means
         missing or corrupt files.
         """
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
-        except Exception as e:
-            raise UnreadableCheckpoint(
-                f"checkpoint step {step} in {self.dir}: state unreadable or does not match this "
-                f"model ({type(e).__name__}: {_first_line(e)})") from None
+        return self._restore(step, "state", ocp.args.StandardRestore(abstract_state), lambda e: (
+            f"checkpoint step {step} in {self.dir}: state unreadable or does not match this "
+            f"model ({type(e).__name__}: {_first_line(e)})"))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of `step` (what sampling needs), shaped like `abstract_params`."""
         item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)
+        return self._restore(step, "state", args, lambda e: (
+            f"checkpoint step {step} in {self.dir} is unreadable or does not match its "
+            f"config ({type(e).__name__}: {_first_line(e)})"))["params"]
+
+    def _restore(self, step: int, item: str, args, describe) -> Any:
+        """`item` of `step` restored with orbax's `args`; any failure an UnreadableCheckpoint
+        whose message is `describe(exception)`."""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))
-        except Exception as e:
-            raise UnreadableCheckpoint(
-                f"checkpoint step {step} in {self.dir} is unreadable or does not match its "
-                f"config ({type(e).__name__}: {_first_line(e)})") from None
-        return restored["state"]["params"]
+            return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        except Exception as e:  # orbax raises many types for a missing or corrupt file
+            _ignore_abandoned_coroutines()
+            raise UnreadableCheckpoint(describe(e)) from None
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start writing `step` in the background; `wait()` until it is complete.
@@ -140,9 +137,7 @@ class RunCheckpoints:
             raise self._write_error(self._last_saved, e) from None
 
     def _write_error(self, step: int | None, e: Exception) -> UserError:
-        # The failed save leaves orbax coroutines that are never awaited; their warnings at
-        # exit would add lines to the one-line error.
-        warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+        _ignore_abandoned_coroutines()
         self._manager.reload()  # orbax forgot the steps the failed save was to replace
         latest = self.latest_step()
         kept = f"step {latest} is kept" if latest is not None else "no step is saved yet"
@@ -174,10 +169,18 @@ def _quiet_orbax() -> None:
     sys.unraisablehook = hook
 
 
+def _ignore_abandoned_coroutines() -> None:
+    """After a failed read or write: orbax leaves coroutines that are never awaited, and
+    Python warns of each whenever it is collected, often at exit, which would add lines to
+    the one-line error. Other code's never-awaited coroutines still warn until then."""
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+
+
 def _drop_orbax_records(record: logging.LogRecord) -> bool:
-    """False for a warning or error logged by orbax, or about its files or coroutines."""
-    return not (record.levelno >= logging.WARNING
-                and "orbax" in f"{record.pathname} {record.getMessage()}")
+    """False for a warning or error logged by orbax, or about its files or coroutines (and
+    tensorstore's, which it reads and writes with)."""
+    text = f"{record.pathname} {record.getMessage()}"
+    return not (record.levelno >= logging.WARNING and ("orbax" in text or "tensorstore" in text))
 
 
 def _os_reason(e: Exception) -> str:
