@@ -121,6 +121,20 @@ def test_sample_cli_is_deterministic_for_a_seed(trained):
     assert first.stdout.count("--- sample") == 2
 
 
+def test_sample_cli_samples_the_checkpoint_of_a_given_step(trained, sampled):
+    """The newest step by default; an older one with --step; a step not kept is named with
+    those that are."""
+    run_dir, _ = trained
+    args = ("--run-dir", run_dir, "--prompt", "To be", "--max-new-tokens", "30", "--seed", "1")
+    newest, older = (run_script("sample.py", *args, "--step", step) for step in ("20", "10"))
+    assert newest.returncode == older.returncode == 0, older.stderr
+    assert newest.stdout == sampled.stdout
+    assert older.stdout != newest.stdout and older.stdout.startswith("To be")
+    assert_user_error(run_script("sample.py", *args, "--step", "15"), "--step", "10, 20")
+    assert_user_error(run_script("sample.py", "--model", run_dir, "--step", "10"), "--step",
+                      "--model")
+
+
 def test_sample_cli_warns_about_an_unseen_prompt_character(trained):
     run_dir, _ = trained
     proc = run_script("sample.py", "--run-dir", run_dir, "--prompt", "To be ☃",
@@ -276,9 +290,18 @@ def test_train_help_lists_every_flag():
 def test_sample_help_lists_every_flag():
     proc = run_script("sample.py", "--help")
     assert proc.returncode == 0 and not proc.stderr
-    flags = {"--run-dir", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature",
-             "--top-k", "--top-p", "--seed", "--num-samples"}
+    flags = {"--run-dir", "--step", "--prompt", "--prompt-file", "--max-new-tokens",
+             "--temperature", "--top-k", "--top-p", "--seed", "--num-samples"}
     flags |= _option_strings(cli.sample_parser())
+    missing = sorted(flag for flag in flags if flag not in proc.stdout)
+    assert not missing
+
+
+def test_forecast_help_lists_every_flag():
+    proc = run_script("forecast.py", "--help")
+    assert proc.returncode == 0 and not proc.stderr
+    flags = {"--run-dir", "--step", "--data", "--horizon", "--origin", "--samples", "--interval",
+             "--seed"} | _option_strings(cli.forecast_parser())
     missing = sorted(flag for flag in flags if flag not in proc.stdout)
     assert not missing
 

@@ -274,6 +274,8 @@ def sample_parser() -> argparse.ArgumentParser:
         prog="sample.py", formatter_class=_Help,
         description="Print text sampled from a trained run: the prompt, then its continuation.")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
+    p.add_argument("--step", type=int, help="its checkpoint of this step (default: the newest; "
+                   "train.py keeps the last --keep)")
     p.add_argument("--model", help="sample from this pretrained GPT-2 as it is instead of a run: "
                    "a Hugging Face hub name (gpt2, ...) or a local directory in its layout")
     prompt = p.add_mutually_exclusive_group()
@@ -309,13 +311,15 @@ def _sample(argv: list[str] | None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
                             f"({e.__class__.__name__})") from None
+    if args.model and args.step is not None:
+        raise UserError("--step picks a checkpoint of --run-dir; a --model has none")
     if args.model:
         from transformer_jax import gpt2
 
         model, params, tokenizer = gpt2.from_pretrained(args.model)
         config = config_lib.Config(model=model.config)
     else:
-        config, tokenizer, params, _ = run.load_for_sampling(args.run_dir)
+        config, tokenizer, params, _ = run.load_for_sampling(args.run_dir, args.step)
         if config.train.columns is not None:
             raise UserError(f"run directory {args.run_dir} holds a series model; forecast with "
                             f"`{_program('forecast')} --run-dir {args.run_dir} --data FILE.csv`")
@@ -339,6 +343,7 @@ def forecast_parser() -> argparse.ArgumentParser:
         "RUN_DIR/forecast.png.")
     p.add_argument("--run-dir", default="runs/default",
                    help="run directory written by train.py --columns")
+    p.add_argument("--step", type=int, help="its checkpoint of this step (default: the newest)")
     p.add_argument("--data", required=True, help="CSV file with the run's columns: the history "
                    "(and the known covariates of the forecast times)")
     p.add_argument("--horizon", type=_positive_int, default=8, help="times to forecast")
@@ -360,7 +365,7 @@ def _forecast(argv: list[str] | None) -> None:
     use_compile_cache()
     from transformer_jax import data, forecast, plot, run
 
-    config, scaler, params, _ = run.load_for_sampling(args.run_dir)
+    config, scaler, params, _ = run.load_for_sampling(args.run_dir, args.step)
     if config.train.columns is None:
         raise UserError(f"run directory {args.run_dir} holds a text model; sample with "
                         f"`{_program('sample')} --run-dir {args.run_dir}`")

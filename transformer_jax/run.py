@@ -79,10 +79,12 @@ def check_resumable(saved: dict, wanted: dict, where: str) -> None:
                             "use the same --data, another --run-dir, or --fresh")
 
 
-def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, int]:
-    """(config, tokenizer, params, step) of the newest checkpoint in `run_dir`, ready for
-    `sampling.complete` (a transfer-learning run's head is mapped back to the whole vocabulary),
-    or, for a series run, (config, scaler, params, step) for `forecast.forecast`.
+def load_for_sampling(run_dir: str | Path, step: int | None = None
+                      ) -> tuple[Config, Any, Any, int]:
+    """(config, tokenizer, params, step) of checkpoint `step` (default: the newest) in
+    `run_dir`, ready for `sampling.complete` (a transfer-learning run's head is mapped back to
+    the whole vocabulary), or, for a series run, (config, scaler, params, step) for
+    `forecast.forecast`.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
@@ -90,24 +92,41 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, int]:
                         f"`python train.py --run-dir {run_dir}`")
     ckpt = RunCheckpoints(run_dir, read_only=True)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        steps = ckpt.steps()
+        if not steps:
             raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
-        meta = ckpt.meta(step)
-        config = Config.from_dict(meta["config"])
-        restore = lambda shapes: ckpt.restore_params(step, shapes)
-        if config.train.columns is not None:
-            from transformer_jax import forecast
-
-            return (*forecast.for_sampling(config, meta, restore), step)
-        if config.train.init != "scratch":
-            from transformer_jax import transfer
-
-            return (*transfer.for_sampling(config, meta, restore), step)
-        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        return config, tokenizer, restore(param_shapes(config.model)), step
+        if step is None:
+            step = steps[0]
+        elif step not in steps:
+            raise UserError(f"run directory {run_dir} has no checkpoint of step {step}; give "
+                            f"--step one of {', '.join(map(str, sorted(steps)))}")
+        try:
+            return _load(ckpt, step)
+        except UnreadableCheckpoint as e:
+            older = [s for s in steps if s < step]
+            if not older:
+                raise
+            raise UnreadableCheckpoint(f"{e}; use an older checkpoint with --step {older[0]}"
+                                       ) from None
     finally:
         ckpt.close()
+
+
+def _load(ckpt: RunCheckpoints, step: int) -> tuple[Config, Any, Any, int]:
+    """load_for_sampling's result for `step` of `ckpt`."""
+    meta = ckpt.meta(step)
+    config = Config.from_dict(meta["config"])
+    restore = lambda shapes: ckpt.restore_params(step, shapes)
+    if config.train.columns is not None:
+        from transformer_jax import forecast
+
+        return (*forecast.for_sampling(config, meta, restore), step)
+    if config.train.init != "scratch":
+        from transformer_jax import transfer
+
+        return (*transfer.for_sampling(config, meta, restore), step)
+    tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+    return config, tokenizer, restore(param_shapes(config.model)), step
 
 
 def char_task(config: Config, text: str, n_dev: int, *, tokenizer: CharTokenizer | None = None,
