@@ -1,7 +1,9 @@
-"""The README's library example runs as written."""
+"""The README's library example runs as written, and its commands use only real flags."""
 
 import re
 from pathlib import Path
+
+from transformer_jax import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -17,3 +19,23 @@ def test_readme_python_example_runs(capsys):
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test" in README.read_text(encoding="utf-8") and "make test" in ci
+
+
+def test_readme_commands_use_only_flags_the_programs_have():
+    """Every --flag after train.py, sample.py or forecast.py (or their installed commands) in
+    the README's shell examples is one of that program's options."""
+    parsers = {"train": cli.train_parser(), "sample": cli.sample_parser(),
+               "forecast": cli.forecast_parser()}
+    options = {name: {o for a in p._actions for o in a.option_strings}
+               for name, p in parsers.items()}
+    commands = 0
+    for block in re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            found = re.search(r"(?:^|[\s/])(?:transformer-jax-)?(train|sample|forecast)"
+                              r"(?:\.py)?\s(.*)", line.split("#")[0])
+            if found:
+                commands += 1
+                flags = re.findall(r"(?<!\S)--[a-z][a-z0-9-]*", found.group(2))
+                unknown = [f for f in flags if f not in options[found.group(1)]]
+                assert not unknown, (line, unknown)
+    assert commands >= 10
