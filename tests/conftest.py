@@ -47,3 +47,8 @@ def forward(config: TransformerConfig, train: bool = False):
 
 def with_(config: TransformerConfig, **changes) -> TransformerConfig:
     return dataclasses.replace(config, **changes)
+
+
+def option_strings(parser) -> set[str]:
+    """Every option string (--flag) of an argparse parser."""
+    return {opt for action in parser._actions for opt in action.option_strings}

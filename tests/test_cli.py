@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import option_strings
+
 from transformer_jax import cli
 from transformer_jax import config as config_lib
 
@@ -268,10 +270,6 @@ def test_epochs_with_random_batching_names_the_epochs_flag(tmp_path):
 # --- help ---------------------------------------------------------------------------------
 
 
-def _option_strings(parser) -> set[str]:
-    return {opt for action in parser._actions for opt in action.option_strings}
-
-
 def test_train_help_lists_every_flag():
     proc = run_script("train.py", "--help")
     assert proc.returncode == 0 and not proc.stderr
@@ -280,29 +278,24 @@ def test_train_help_lists_every_flag():
         if f.metadata.get("flag", True):
             flags.add("--" + name.replace("_", "-"))
     assert {"--d-model", "--lr", "--eval-every", "--epochs", "--tie-embeddings"} <= flags
-    flags |= _option_strings(cli.train_parser())
+    flags |= option_strings(cli.train_parser())
     missing = sorted(flag for flag in flags if flag not in proc.stdout)
     assert not missing
     assert "--no-tie-embeddings" in proc.stdout
     assert "--vocab-size" not in proc.stdout
 
 
-def test_sample_help_lists_every_flag():
-    proc = run_script("sample.py", "--help")
+@pytest.mark.parametrize("script,parser,flags", [
+    ("sample.py", cli.sample_parser, {"--run-dir", "--step", "--prompt", "--prompt-file",
+                                      "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                                      "--seed", "--num-samples"}),
+    ("forecast.py", cli.forecast_parser, {"--run-dir", "--step", "--data", "--horizon",
+                                          "--origin", "--samples", "--interval", "--seed"}),
+])
+def test_sample_and_forecast_help_list_every_flag(script, parser, flags):
+    proc = run_script(script, "--help")
     assert proc.returncode == 0 and not proc.stderr
-    flags = {"--run-dir", "--step", "--prompt", "--prompt-file", "--max-new-tokens",
-             "--temperature", "--top-k", "--top-p", "--seed", "--num-samples"}
-    flags |= _option_strings(cli.sample_parser())
-    missing = sorted(flag for flag in flags if flag not in proc.stdout)
-    assert not missing
-
-
-def test_forecast_help_lists_every_flag():
-    proc = run_script("forecast.py", "--help")
-    assert proc.returncode == 0 and not proc.stderr
-    flags = {"--run-dir", "--step", "--data", "--horizon", "--origin", "--samples", "--interval",
-             "--seed"} | _option_strings(cli.forecast_parser())
-    missing = sorted(flag for flag in flags if flag not in proc.stdout)
+    missing = sorted(flag for flag in flags | option_strings(parser()) if flag not in proc.stdout)
     assert not missing
 
 

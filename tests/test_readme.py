@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from conftest import option_strings
+
 from transformer_jax import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -26,8 +28,7 @@ def test_readme_commands_use_only_flags_the_programs_have():
     the README's shell examples is one of that program's options."""
     parsers = {"train": cli.train_parser(), "sample": cli.sample_parser(),
                "forecast": cli.forecast_parser()}
-    options = {name: {o for a in p._actions for o in a.option_strings}
-               for name, p in parsers.items()}
+    options = {name: option_strings(p) for name, p in parsers.items()}
     commands = 0
     for block in re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
         for line in block.replace("\\\n", " ").splitlines():

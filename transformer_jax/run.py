@@ -101,7 +101,7 @@ def load_for_sampling(run_dir: str | Path, step: int | None = None
             raise UserError(f"run directory {run_dir} has no checkpoint of step {step}; give "
                             f"--step one of {', '.join(map(str, sorted(steps)))}")
         try:
-            return _load(ckpt, step)
+            return (*_load(ckpt, step), step)
         except UnreadableCheckpoint as e:
             older = [s for s in steps if s < step]
             if not older:
@@ -112,21 +112,21 @@ def load_for_sampling(run_dir: str | Path, step: int | None = None
         ckpt.close()
 
 
-def _load(ckpt: RunCheckpoints, step: int) -> tuple[Config, Any, Any, int]:
-    """load_for_sampling's result for `step` of `ckpt`."""
+def _load(ckpt: RunCheckpoints, step: int) -> tuple[Config, Any, Any]:
+    """load_for_sampling's (config, tokenizer or scaler, params) for `step` of `ckpt`."""
     meta = ckpt.meta(step)
     config = Config.from_dict(meta["config"])
     restore = lambda shapes: ckpt.restore_params(step, shapes)
     if config.train.columns is not None:
         from transformer_jax import forecast
 
-        return (*forecast.for_sampling(config, meta, restore), step)
+        return forecast.for_sampling(config, meta, restore)
     if config.train.init != "scratch":
         from transformer_jax import transfer
 
-        return (*transfer.for_sampling(config, meta, restore), step)
+        return transfer.for_sampling(config, meta, restore)
     tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-    return config, tokenizer, restore(param_shapes(config.model)), step
+    return config, tokenizer, restore(param_shapes(config.model))
 
 
 def char_task(config: Config, text: str, n_dev: int, *, tokenizer: CharTokenizer | None = None,
