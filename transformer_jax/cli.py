@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import typing
@@ -17,13 +16,6 @@ from typing import Any
 
 from transformer_jax import config as config_lib
 from transformer_jax.errors import RunStopped, UserError
-
-_CHOICES = {"activation": config_lib.ACTIVATIONS, "norm": config_lib.NORMS,
-            "positions": config_lib.POSITIONS, "dtype": config_lib.DTYPES,
-            "batching": config_lib.BATCHINGS, "on_nan": config_lib.ON_NAN,
-            "finetune": config_lib.FINETUNES, "head": config_lib.HEADS,
-            "optimizer": config_lib.OPTIMIZERS}
-
 
 class _Parser(argparse.ArgumentParser):
     """Bad flags end in one `error:` line (exit code 2), like every other bad input."""
@@ -63,9 +55,10 @@ def _add_field_flags(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=f.metadata["help"])
             else:
-                group.add_argument(flag, type=base, choices=_CHOICES.get(name),
-                                   default=argparse.SUPPRESS, metavar=None if name in _CHOICES
-                                   else base.__name__.upper(), help=f.metadata["help"])
+                choices = f.metadata["choices"] or None
+                group.add_argument(flag, type=base, choices=choices, default=argparse.SUPPRESS,
+                                   metavar=None if choices else base.__name__.upper(),
+                                   help=f.metadata["help"])
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -121,77 +114,6 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def start_distributed(coordinator: str | None, num_processes: int | None,
-                      process_id: int | None) -> None:
-    """Join a multi-process run through `jax.distributed` when the flags give one, or when the
-    environment is a cluster JAX detects by itself (Cloud TPU pod, SLURM, Open MPI)."""
-    import jax
-
-    given = (coordinator, num_processes, process_id)
-    if any(v is not None for v in given):
-        if None in given:
-            raise UserError("--coordinator, --num-processes and --process-id go together; "
-                            "give all three (or none on a cluster JAX detects)")
-        if not 0 <= process_id < num_processes:
-            raise UserError(f"--process-id {process_id} must be in 0..{num_processes - 1}")
-        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
-                      process_id=process_id)
-    elif _in_cluster():
-        kwargs = {}
-    else:
-        return
-    try:
-        jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - JAX raises runtime errors of several kinds
-        where = f" at {coordinator}" if coordinator else ""
-        raise UserError(f"cannot join the multi-process run{where}: "
-                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-
-
-def _in_cluster() -> bool:
-    """Whether this process is one of several that a cluster launched (SLURM, Open MPI, or the
-    workers of a Cloud TPU pod)."""
-    env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _default_cpu_devices(config: config_lib.Config) -> int:
-    """One device per core, fewer where the cores do not divide a random batch."""
-    cores, train = cpu_cores(), config.train
-    if train.batching == "stream":  # stream rows are padded to any device count
-        return cores
-    fits = [d for d in range(1, cores + 1) if train.batch_size % (d * train.micro_batches) == 0]
-    return max(fits, default=1)
-
-
-def use_compile_cache() -> None:
-    """Keep compiled programs on disk (JAX's persistent compilation cache) so that a rerun with
-    the same shapes skips compilation: in $JAX_COMPILATION_CACHE_DIR if set, else in the user
-    cache directory (~/.cache/transformer-jax/xla), at most 1 GB (least recently used go)."""
-    import jax
-
-    from transformer_jax.corpus import user_cache_dir
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(user_cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_compilation_cache_max_size", 1 << 30)
-
-
-def use_cpu_devices(n: int) -> None:
-    """Give the CPU backend `n` devices (before JAX starts), unless XLA_FLAGS already does."""
-    import jax
-
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", n)
-
-
 def resolve_config(args: argparse.Namespace) -> config_lib.Config:
     """Preset, then the --config file, then explicit flags.
 
@@ -202,7 +124,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
     try:
         file = _read_config_file(args.config) if args.config else {}
         config = config_lib.preset(args.preset).replace(**file).replace(**flags)
-        if config.train.init != "scratch" and "optimizer" not in {**file, **flags}:
+        pretrained = config.kind == "transfer"
+        if pretrained and "optimizer" not in {**file, **flags}:
             config = config.replace(optimizer="adamw")
     except ValueError as e:
         name = str(e).split("=")[0].split()[-1]
@@ -210,7 +133,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
         raise UserError(f"{flag}: {e}") from None
     shape = [k for k in flags
              if k in config_lib.MODEL_FIELDS and k not in config_lib.PRETRAINED_MODEL_FIELDS]
-    if config.train.init != "scratch" and shape:
+    if pretrained and shape:
         raise UserError(f"--{shape[0].replace('_', '-')} does not apply with --init "
                         f"{config.train.init}: the pretrained model's config.json fixes its shape")
     return config
@@ -219,42 +142,59 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
 def _train(argv: list[str] | None) -> None:
     args = train_parser().parse_args(argv)
     config = resolve_config(args)
-    series_run = config.train.columns is not None
-    if not series_run and str(args.data).endswith(".csv"):
+    from transformer_jax import parallel  # JAX only after the flags are good
+
+    parallel.use_cpu_devices(args.cpu_devices or parallel.default_cpu_devices(config))
+    parallel.use_compile_cache()
+    from transformer_jax import corpus, data, run, tasks
+
+    kind = tasks.kind_of(config)
+    if kind.reader != "forecast" and str(args.data).endswith(".csv"):
         raise UserError(f"--data {args.data} is a CSV file: give --columns a,b,... (the series "
                         "to forecast) to train a series model on it")
-    use_cpu_devices(args.cpu_devices or _default_cpu_devices(config))
-    use_compile_cache()
-    start_distributed(args.coordinator, args.num_processes, args.process_id)
-    import jax
-
-    from transformer_jax import corpus, data, plot, run  # JAX only after the flags are good
-
-    lead = jax.process_index() == 0
+    parallel.start_distributed(args.coordinator, args.num_processes, args.process_id)
     path = args.data or corpus.prepare_default_corpus()
     text = data.read_text(path)
-    if lead:
+    if parallel.is_lead():
+        import jax
+
         print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
               resume_from=args.resume_from)
-    if not lead:
-        return
-    ylabel = plot.CROSS_ENTROPY
-    if series_run:
-        from transformer_jax import forecast
+    if parallel.is_lead():
+        _after_training(kind, config, args.run_dir, text, path)
 
-        ylabel = forecast.LOSS_LABELS[config.train.head]
+
+def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, path: str) -> None:
+    """The loss curve, and how to use the model: for a series model, its validation table."""
+    from transformer_jax import forecast, plot
+
     try:
-        print(f"loss curve: {plot.plot_run(args.run_dir, ylabel)}")
+        print(f"loss curve: {plot.plot_run(run_dir, kind.loss_label(config))}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
-    if series_run:
-        print(forecast.validation_table(forecast.validate(args.run_dir, text)))
-        print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(args.run_dir)} "
-              f"--data {shlex.quote(path)} --horizon 8")
-        return
-    print(f"sample with: {_program('sample')} --run-dir {shlex.quote(args.run_dir)} "
-          "--prompt \"...\"")
+    if kind.reader == "forecast":
+        print(forecast.validation_table(forecast.validate(run_dir, text)))
+        print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(run_dir)} "
+              f"--data {shlex.quote(str(path))} --horizon 8")
+    else:
+        print(f"sample with: {_program('sample')} --run-dir {shlex.quote(run_dir)} "
+              "--prompt \"...\"")
+
+
+def _load(run_dir: str, step: int | None, program: str):
+    """The trained model of `run_dir` for `program` (sample or forecast), which must be the
+    program that reads its kind of run."""
+    from transformer_jax import run
+
+    trained = run.load_for_sampling(run_dir, step)
+    if trained.kind.reader == program:
+        return trained
+    if program == "sample":
+        raise UserError(f"run directory {run_dir} holds a series model; forecast with "
+                        f"`{_program('forecast')} --run-dir {run_dir} --data FILE.csv`")
+    raise UserError(f"run directory {run_dir} holds a text model; sample with "
+                    f"`{_program('sample')} --run-dir {run_dir}`")
 
 
 def _program(name: str) -> str:
@@ -295,8 +235,9 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def _sample(argv: list[str] | None) -> None:
     args = sample_parser().parse_args(argv)
-    use_compile_cache()
-    from transformer_jax import run, sampling
+    from transformer_jax import parallel, sampling
+
+    parallel.use_compile_cache()
 
     try:  # a larger --top-k than the vocabulary means all of it (clamped below)
         sampling.check_arguments(max_new_tokens=args.max_new_tokens,
@@ -319,10 +260,8 @@ def _sample(argv: list[str] | None) -> None:
         model, params, tokenizer = gpt2.from_pretrained(args.model)
         config = config_lib.Config(model=model.config)
     else:
-        config, tokenizer, params, _ = run.load_for_sampling(args.run_dir, args.step)
-        if config.train.columns is not None:
-            raise UserError(f"run directory {args.run_dir} holds a series model; forecast with "
-                            f"`{_program('forecast')} --run-dir {args.run_dir} --data FILE.csv`")
+        trained = _load(args.run_dir, args.step, "sample")
+        config, tokenizer, params = trained.config, trained.tokenizer, trained.params
     samples = sampling.complete(config, tokenizer, params, prompt,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 temperature=args.temperature,
@@ -362,16 +301,14 @@ def _forecast(argv: list[str] | None) -> None:
     args = forecast_parser().parse_args(argv)
     if not 0 < args.interval < 1:
         raise UserError(f"--interval {args.interval} must be between 0 and 1")
-    use_compile_cache()
-    from transformer_jax import data, forecast, plot, run
+    from transformer_jax import data, forecast, parallel, plot
 
-    config, scaler, params, _ = run.load_for_sampling(args.run_dir, args.step)
-    if config.train.columns is None:
-        raise UserError(f"run directory {args.run_dir} holds a text model; sample with "
-                        f"`{_program('sample')} --run-dir {args.run_dir}`")
-    table = forecast.read(config, data.read_text(args.data), where=f"--data {args.data}")
+    parallel.use_compile_cache()
+    trained = _load(args.run_dir, args.step, "forecast")
+    table = forecast.read(trained.config, data.read_text(args.data), where=f"--data {args.data}")
     origin = len(table) - 1 if args.origin is None else table.row(args.origin)
-    result = forecast.forecast(config, scaler, params, table, origin=origin,
+    result = forecast.forecast(trained.config, trained.scaler, trained.params, table,
+                               origin=origin,
                                horizon=args.horizon, samples=args.samples,
                                interval=args.interval, seed=args.seed)
     print(forecast.forecast_table(result))

@@ -13,20 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-NORMS = ("post", "pre")
-POSITIONS = ("sinusoidal", "learned")
-DTYPES = ("float32", "bfloat16", "float64")
-BATCHINGS = ("random", "stream")
-ON_NAN = ("stop", "skip")
-FINETUNES = ("head", "full")
-HEADS = ("point", "gaussian")
-OPTIMIZERS = ("adamw", "muon")
-# Model settings a run may choose for a pretrained model (its config.json fixes the rest).
-PRETRAINED_MODEL_FIELDS = ("dropout", "dtype", "remat", "scan_layers")
+KINDS = ("char", "transfer", "series")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default: Any, help: str, *, fixed: bool = False, choices: tuple[str, ...] = (),
+       pretrained: bool = False, series: bool = False, flag: bool = True) -> Any:
+    """A config field and the facts about it, declared once:
+
+    fixed: it fixes what a checkpoint's parameters or data order mean, so resuming with another
+      value is refused; choices: the values it may take; pretrained: a model field that a run
+      from a pretrained model may still set (its config.json fixes every other); series: it
+      applies to series runs only; flag: train.py has a flag for it.
+    """
+    return field(default=default, metadata=dict(help=help, fixed=fixed, choices=choices,
+                                                pretrained=pretrained, series=series,
+                                                flag=flag))
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -35,37 +36,46 @@ def _positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{name}={getattr(obj, name)} must be positive")
 
 
-def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in choices:
-        raise ValueError(f"{name}={getattr(obj, name)!r} must be one of {', '.join(choices)}")
+def _check_choices(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value, choices = getattr(obj, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            raise ValueError(f"{f.name}={value!r} must be one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     """Shape of a causal transformer language model."""
 
-    vocab_size: int = _f(0, "vocabulary size (set from the tokenizer, not a flag)", flag=False)
-    d_model: int = _f(128, "model width: embedding and hidden-state size")
-    layers: int = _f(4, "number of transformer blocks")
-    heads: int = _f(4, "attention heads per block; must divide d_model")
-    d_ff: int = _f(512, "hidden size of each block's feed-forward layer")
-    activation: str = _f("gelu", f"feed-forward activation: {', '.join(ACTIVATIONS)}")
-    norm: str = _f("pre", "layer norm placement: post (lecture, Vaswani) or pre (GPT-2)")
-    positions: str = _f("learned", "position encoding: sinusoidal (Vaswani) or learned")
-    max_len: int = _f(256, "context window in tokens (size of the learned position table)")
-    tie_embeddings: bool = _f(True, "prediction layer shares the token embedding (logits = h E^T)")
-    dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches")
-    layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm")
+    vocab_size: int = _f(0, "vocabulary size (set from the tokenizer, not a flag)", fixed=True,
+                         flag=False)
+    d_model: int = _f(128, "model width: embedding and hidden-state size", fixed=True)
+    layers: int = _f(4, "number of transformer blocks", fixed=True)
+    heads: int = _f(4, "attention heads per block; must divide d_model", fixed=True)
+    d_ff: int = _f(512, "hidden size of each block's feed-forward layer", fixed=True)
+    activation: str = _f("gelu", "feed-forward activation", fixed=True, choices=ACTIVATIONS)
+    norm: str = _f("pre", "layer norm placement: post (lecture, Vaswani) or pre (GPT-2)",
+                   fixed=True, choices=("post", "pre"))
+    positions: str = _f("learned", "position encoding: sinusoidal (Vaswani) or learned",
+                        fixed=True, choices=("sinusoidal", "learned"))
+    max_len: int = _f(256, "context window in tokens (size of the learned position table)",
+                      fixed=True)
+    tie_embeddings: bool = _f(True, "prediction layer shares the token embedding (logits = h E^T)",
+                              fixed=True)
+    dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches",
+                        pretrained=True)
+    layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm", fixed=True)
     dtype: str = _f("float32", "compute dtype: float32, bfloat16 (parameters, softmax and loss "
-                    "stay float32) or float64 (everything, with JAX_ENABLE_X64=1)")
+                    "stay float32) or float64 (everything, with JAX_ENABLE_X64=1)",
+                    choices=("float32", "bfloat16", "float64"), pretrained=True)
     remat: bool = _f(False, "recompute each block's activations in the backward pass instead of "
-                     "keeping them (rematerialisation): compute traded for accelerator memory "
-                     "(on CPUs it measured slower, with no saving)")
+                     "keeping them (rematerialisation): compute traded for accelerator memory",
+                     pretrained=True)
     scan_layers: bool = _f(False, "run the blocks as one lax.scan over parameters stacked on a "
-                           "layer axis: compile time no longer grows with depth (on CPUs each "
-                           "step measured about 30%% slower)")
+                           "layer axis: compile time no longer grows with depth", fixed=True,
+                           pretrained=True)
     head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
-                        "set by transfer learning, not a flag", flag=False)
+                        "set by transfer learning, not a flag", fixed=True, flag=False)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:
@@ -73,10 +83,7 @@ class TransformerConfig:
         _positive(self, "d_model", "layers", "heads", "d_ff", "max_len", "layer_norm_eps")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        _one_of(self, "activation", ACTIVATIONS)
-        _one_of(self, "norm", NORMS)
-        _one_of(self, "positions", POSITIONS)
-        _one_of(self, "dtype", DTYPES)
+        _check_choices(self)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.head_size < 0 or (self.head_size and self.tie_embeddings):
@@ -96,16 +103,20 @@ class TransformerConfig:
 class TrainConfig:
     """Data batching, optimiser and bookkeeping of a training run."""
 
-    batching: str = _f("random", "random: nanoGPT windows; stream: the lecture's contiguous chunks")
-    seq_len: int = _f(256, "characters per training sequence")
-    batch_size: int = _f(16, "sequences per step (random batching) and per evaluation batch")
-    streams: int = _f(10, "stream batching: contiguous chunks of the text, one batch each")
+    batching: str = _f("random", "random: nanoGPT windows; stream: the lecture's contiguous chunks",
+                       fixed=True, choices=("random", "stream"))
+    seq_len: int = _f(256, "characters per training sequence", fixed=True)
+    batch_size: int = _f(16, "sequences per step (random batching) and per evaluation batch",
+                        fixed=True)
+    streams: int = _f(10, "stream batching: contiguous chunks of the text, one batch each",
+                     fixed=True)
     steps: int | None = _f(None, "total optimiser steps of the run (resume continues up to it)")
     epochs: int | None = _f(None, "stream batching: passes over the text "
                             "(steps = epochs * streams)")
     optimizer: str = _f("adamw", "adamw: Adam with decoupled weight decay for every parameter; "
                         "muon: Muon (momentum orthogonalised by Newton-Schulz iterations) for "
-                        "the blocks' weight matrices and AdamW for the rest")
+                        "the blocks' weight matrices and AdamW for the rest", fixed=True,
+                        choices=("adamw", "muon"))
     lr: float = _f(1e-3, "peak learning rate (with --optimizer muon: of the AdamW part)")
     muon_lr: float = _f(0.02, "peak learning rate of the Muon part (--optimizer muon); it "
                         "follows the same warm-up and decay as --lr")
@@ -126,40 +137,41 @@ class TrainConfig:
     micro_batches: int = _f(1, "split each batch into this many sequential forward/backward "
                             "passes (gradient accumulation): same result, less memory")
     on_nan: str = _f("stop", "on a non-finite loss or gradient: stop (the last good checkpoint "
-                     "is kept) or skip that step's update")
-    val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation")
+                     "is kept) or skip that step's update", choices=("stop", "skip"))
+    val_fraction: float = _f(0.1, "fraction of the text, at its end, held out for validation",
+                             fixed=True)
     split_docs: str | None = _f(None, "cut the corpus into documents with this regular "
                                 "expression: its matches' first group if it has one (e.g. "
                                 "'<body>(.*?)</body>'), else the text between matches; each "
-                                "training window then lies inside one random document")
-    min_len: int = _f(2, "with --split-docs: skip documents shorter than this many tokens")
+                                "training window then lies inside one random document", fixed=True)
+    min_len: int = _f(2, "with --split-docs: skip documents shorter than this many tokens",
+                      fixed=True)
     init: str = _f("scratch", "scratch (random initialisation), or the pretrained GPT-2 to "
                    "start from: a Hugging Face hub name (gpt2, gpt2-medium, ...) or a local "
-                   "directory in its layout; the model's shape then comes from its config.json")
+                   "directory in its layout; the model's shape then comes from its config.json",
+                   fixed=True)
     finetune: str = _f("head", "with a pretrained --init: head trains only a new prediction "
                        "layer over the corpus's tokens on the frozen trunk; full trains every "
-                       "parameter")
+                       "parameter", fixed=True, choices=("head", "full"))
     columns: str | None = _f(None, "series model: comma-separated columns of a CSV --data to "
-                             "forecast (instead of a character model of its text)")
+                             "forecast (instead of a character model of its text)", fixed=True)
     covariates: str | None = _f(None, "series model: comma-separated CSV columns of known "
-                                "covariates, model inputs at the predicted time, not forecast")
+                                "covariates, model inputs at the predicted time, not forecast",
+                                fixed=True, series=True)
     time_column: str | None = _f(None, "series model: CSV column of time labels; rows must be "
-                                 "in time order")
+                                 "in time order", fixed=True, series=True)
     head: str = _f("point", "series model's prediction layer: point (mean squared error) or "
-                   "gaussian (mean and log-variance per series, negative log-likelihood)")
+                   "gaussian (mean and log-variance per series, negative log-likelihood)",
+                   fixed=True, choices=("point", "gaussian"), series=True)
     ar_order: int = _f(4, "series model: lags p of the least-squares AR(p) baseline it is "
-                       "compared with on the validation split")
-    seed: int = _f(0, "random seed for initialisation, batches and dropout")
+                       "compared with on the validation split", series=True)
+    seed: int = _f(0, "random seed for initialisation, batches and dropout", fixed=True)
 
     def __post_init__(self) -> None:
-        _one_of(self, "batching", BATCHINGS)
-        _one_of(self, "on_nan", ON_NAN)
-        _one_of(self, "finetune", FINETUNES)
-        _one_of(self, "head", HEADS)
-        _one_of(self, "optimizer", OPTIMIZERS)
+        _check_choices(self)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "muon_lr", "eval_every",
                   "save_every", "keep", "steps_per_call", "micro_batches", "ar_order")
-        self._check_series()
+        self._check_kind()
         if self.min_len < 2:
             raise ValueError(f"min_len={self.min_len} must be at least 2 (a document needs a "
                              "token to predict)")
@@ -171,8 +183,6 @@ class TrainConfig:
             except re.error as e:
                 raise ValueError(f"split_docs={self.split_docs!r} is not a regular expression "
                                  f"({e})") from None
-        if self.init != "scratch" and self.batching != "random":
-            raise ValueError(f"init={self.init!r} needs batching 'random'")
         for name in ("steps", "epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -194,12 +204,24 @@ class TrainConfig:
         if self.decay_steps and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps")
 
-    def _check_series(self) -> None:
-        if self.columns is None:
-            for name in ("covariates", "time_column"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}={getattr(self, name)!r} needs columns (the CSV "
-                                     "columns of a series model)")
+    @property
+    def kind(self) -> str:
+        """The kind of run, one of KINDS: a series model when CSV columns are named, transfer
+        learning from a pretrained --init, else a character model trained from scratch."""
+        if self.columns is not None:
+            return "series"
+        return "char" if self.init == "scratch" else "transfer"
+
+    def _check_kind(self) -> None:
+        """What each kind of run requires of the other settings."""
+        if self.kind != "series":
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if f.metadata["series"] and value != f.default:
+                    raise ValueError(f"{f.name}={value!r} needs columns (the CSV columns of a "
+                                     "series model)")
+            if self.kind == "transfer" and self.batching != "random":
+                raise ValueError(f"init={self.init!r} needs batching 'random'")
             return
         named = [n for n in (self.columns, self.covariates, self.time_column) if n is not None]
         names = [n.strip() for n in ",".join(named).split(",")]
@@ -228,6 +250,11 @@ class Config:
 
     model: TransformerConfig = field(default_factory=TransformerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def kind(self) -> str:
+        """The kind of run (see `TrainConfig.kind`)."""
+        return self.train.kind
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
@@ -258,6 +285,10 @@ MODEL_FIELDS = {f.name: f for f in dataclasses.fields(TransformerConfig)}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
 FIELD_TYPES = {**typing.get_type_hints(TransformerConfig), **typing.get_type_hints(TrainConfig)}
+# Derived from the fields' declarations (see `_f`).
+FIXED_ON_RESUME = tuple(name for name, f in FIELDS.items() if f.metadata["fixed"])
+PRETRAINED_MODEL_FIELDS = tuple(name for name, f in MODEL_FIELDS.items()
+                                if f.metadata["pretrained"])
 
 
 def check_fields(flat: dict[str, Any]) -> None:

@@ -233,3 +233,13 @@ def check_batch_size(cfg: TrainConfig, row_multiple: int) -> None:
     if cfg.batch_size % row_multiple:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by {row_multiple} "
                         f"(data-parallel devices x --micro-batches {cfg.micro_batches})")
+
+
+def datasets(tokenizer, text: str, cfg: TrainConfig, n_dev: int) -> tuple[Batches, np.ndarray]:
+    """Training batches of `text`'s training split, and every row of its validation split as
+    (N, B, S) evaluation batches for `n_dev` devices."""
+    train_text, val_text = split_text(text, cfg.val_fraction)
+    batches = train_batches(tokenizer, train_text, cfg, row_multiple=n_dev * cfg.micro_batches)
+    eval_batch = eval_batch_size(cfg, n_dev)
+    val_rows = pad_rows(eval_rows(tokenizer, val_text, cfg), eval_batch, tokenizer.pad_id)
+    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)

@@ -1,17 +1,12 @@
-"""Series forecasting with the causal trunk: the continuous model, its losses and training task,
-one-step predictions against the baselines, and multi-step forecasts with the key/value cache.
+"""Inference with a series model: one-step predictions against the baselines on the validation
+part, and multi-step forecasts with the key/value cache (sample paths for a Gaussian head).
 
-At position t the model reads the standardised values of the K forecast series at time t and of
-the C known covariates at time t + 1, and predicts the series at time t + 1: a point (trained
-with mean squared error) or a Gaussian (a mean and a log-variance per series, trained with its
-negative log-likelihood). A training row is S + 1 consecutive times of the training part
-(`series.windows`); inputs come from all of them, targets are the last S. Shapes: B batch,
-T positions, F = K + C features, O outputs (K, or 2K for a Gaussian head), H horizon.
+Shapes: B batch, T positions, F = K + C features, O outputs (K, or 2K for a Gaussian head),
+H horizon.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -20,154 +15,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from transformer_jax import data, run, series
-from transformer_jax.config import Config, TransformerConfig
+from transformer_jax import series, tasks
+from transformer_jax.config import Config
 from transformer_jax.errors import UserError
-from transformer_jax.model import Trunk, layered
+from transformer_jax.model import SeriesTransformer, series_inputs
 from transformer_jax.sampling import autoregress
-from transformer_jax.series import Scaler, Series, column_names
+from transformer_jax.series import Scaler, Series
+from transformer_jax.tasks.series import read, shape
 
-_LOG_2PI = float(np.log(2 * np.pi))
 _Z95 = 1.6449  # the standard normal's 95% quantile: mean +- _Z95 sd is the central 90%
-# What the training loss of each head is, for the loss curve.
-LOSS_LABELS = {"point": "mean squared error (standardised units)",
-               "gaussian": "Gaussian negative log-likelihood (nats per value)"}
-
-
-class SeriesTransformer(nn.Module):
-    """Standardised inputs (B, T, F) -> float32 outputs (B, T, O), O = `config.head_size`:
-    the K predicted values, or K means then K log-variances."""
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x_BxTxF, *, decode=False, train=False):
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        x_BxTxD = nn.Dense(cfg.d_model, dtype=dtype, name="embed")(x_BxTxF)
-        h_BxTxD = Trunk(cfg, name="trunk")(x_BxTxD, decode=decode, train=train)
-        out_BxTxO = nn.Dense(cfg.outputs, dtype=dtype, name="head",
-                             kernel_init=nn.initializers.normal(0.02))(h_BxTxD)
-        return out_BxTxO.astype(jnp.promote_types(out_BxTxO.dtype, jnp.float32))
-
-
-def shape(config: Config) -> tuple[int, int]:
-    """(K forecast series, F input features) of a series run."""
-    k = len(column_names(config.train.columns))
-    return k, k + len(column_names(config.train.covariates))
-
-
-def model_config(config: Config) -> Config:
-    """`config` with the model's prediction layer set for its head: untied, K or 2K outputs."""
-    k, _ = shape(config)
-    outputs = k if config.train.head == "point" else 2 * k
-    return config.replace(vocab_size=0, tie_embeddings=False, head_size=outputs)
-
-
-def init_params(config: Config, rng: jax.Array) -> dict:
-    """Fresh parameters of `model_config(config)`'s model, compiled."""
-    x_1x1xF = jnp.zeros((1, 1, shape(config)[1]), jnp.float32)
-    unrolled = SeriesTransformer(dataclasses.replace(config.model, scan_layers=False))
-    return layered(jax.jit(unrolled.init)(rng, x_1x1xF)["params"], config.model.scan_layers)
-
-
-def inputs(rows_BxRxF: jax.Array, k: int) -> jax.Array:
-    """Model inputs of rows of R times: the series at times 0..R-2 beside the covariates at
-    times 1..R-1, (B, R - 1, F)."""
-    return jnp.concatenate([rows_BxRxF[:, :-1, :k], rows_BxRxF[:, 1:, k:]], axis=-1)
-
-
-def value_losses(out_BxTxO: jax.Array, y_BxTxK: jax.Array, head: str) -> jax.Array:
-    """Loss of each target value, (B, T, K): squared error, or Gaussian negative log-likelihood
-    0.5 (log 2 pi + log var + (y - mean)^2 / var)."""
-    if head == "point":
-        return (out_BxTxO - y_BxTxK) ** 2
-    mean_BxTxK, logvar_BxTxK = jnp.split(out_BxTxO, 2, axis=-1)
-    return 0.5 * (_LOG_2PI + logvar_BxTxK
-                  + (y_BxTxK - mean_BxTxK) ** 2 * jnp.exp(-logvar_BxTxK))
-
-
-def series_loss(model: SeriesTransformer, k: int, head: str, *, train: bool):
-    """LossFn of rows {"x": (B, S + 1, F) standardised times, "w": (B, S + 1) weight of each
-    time as a target (the first is never one)}: (summed loss, weighted count of values)."""
-
-    def loss(params, rows, rng):
-        x_BxRxF = rows["x"]
-        out_BxTxO = model.apply({"params": params}, inputs(x_BxRxF, k), train=train,
-                                rngs={"dropout": rng})
-        w_BxTx1 = rows["w"][:, 1:, None]
-        losses = value_losses(out_BxTxO, x_BxRxF[:, 1:, :k], head)
-        return jnp.sum(w_BxTx1 * losses), jnp.sum(w_BxTx1) * k
-
-    return loss
-
-
-def read(config: Config, text: str, where: str = "the CSV data") -> Series:
-    """The run's columns of CSV `text` (`where` names it in errors)."""
-    tcfg = config.train
-    return series.parse_csv(text, column_names(tcfg.columns), column_names(tcfg.covariates),
-                            tcfg.time_column, where)
-
-
-def _check_sizes(config: Config, n: int, n_train: int, n_dev: int) -> None:
-    tcfg = config.train
-    S, p = tcfg.seq_len, tcfg.ar_order
-    if S > config.model.max_len:
-        raise UserError(f"--seq-len {S} exceeds --max-len {config.model.max_len}; raise "
-                        "--max-len")
-    if n_train < max(S + 1, 2 * p + 1) or n_train == n:
-        raise UserError(f"{n} rows give {n_train} for training and {n - n_train} for "
-                        f"validation: --seq-len {S} and --ar-order {p} need at least "
-                        f"{max(S + 1, 2 * p + 1)} and 1; lower them, change --val-fraction or "
-                        "give more rows")
-    data.check_batch_size(tcfg, n_dev * tcfg.micro_batches)
-
-
-def validation_rows(z_NxF: np.ndarray, ends: np.ndarray, length: int, batch: int) -> dict:
-    """Rows scoring each time of `ends` once, one step ahead from the `length` times before it
-    (which may lie in the training part): {"x": (N, batch, length + 1, F), "w": (N, batch,
-    length + 1)}, padded with rows of weight 0."""
-    x = series.windows(z_NxF, ends, length).astype(np.float32)
-    w = np.zeros(x.shape[:2], np.float32)
-    w[:, -1] = 1.0
-    batched = lambda a: data.pad_rows(a, batch, 0).reshape(-1, batch, *a.shape[1:])
-    return {"x": batched(x), "w": batched(w)}
-
-
-def task(config: Config, text: str, mesh, *, say=print) -> run.Task:
-    """Train a series model on the columns of CSV `text` named by `config.train.columns`.
-
-    The first rows (1 - val_fraction) are the training part, whose statistics standardise every
-    column and are saved with each checkpoint; the validation loss is the one-step-ahead loss
-    over every row of the rest.
-    """
-    tcfg = config.train
-    table = read(config, text)
-    n, n_train = len(table), series.train_rows(len(table), tcfg.val_fraction)
-    _check_sizes(config, n, n_train, mesh.devices.size)
-    scaler = Scaler.fit(table.values[:n_train], table.names)
-    z_NxF = scaler.apply(table.values).astype(np.float32)
-    say(f"series: {', '.join(table.names[:table.targets])} ({n} rows: {table.time[0]} to "
-        f"{table.time[n_train - 1]} for training, {table.time[n_train]} to {table.time[-1]} "
-        "for validation)")
-    batches = data.Batches({"x": z_NxF[:n_train], "w": np.ones(n_train, np.float32)},
-                           tcfg.seq_len + 1, tcfg.batch_size, "random", tcfg.seed)
-    val = validation_rows(z_NxF, np.arange(n_train, n), tcfg.seq_len,
-                          data.eval_batch_size(tcfg, mesh.devices.size))
-    config = model_config(config)
-    model = SeriesTransformer(config.model)
-    return run.Task(config, lambda train: series_loss(model, table.targets, tcfg.head,
-                                                      train=train),
-                    lambda: init_params(config, jax.random.PRNGKey(tcfg.seed)), batches, val,
-                    {"config": config.to_dict(), "series": scaler.to_dict()}, unit="value")
-
-
-def for_sampling(config: Config, meta: dict, restore) -> tuple[Config, Scaler, dict]:
-    """(config, scaler, params) of a series run; `restore(shapes)` reads its parameters."""
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    return config, Scaler.from_dict(meta["series"]), restore(shapes)
 
 
 def one_step(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray, chunk: int = 256
@@ -176,8 +33,8 @@ def one_step(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray, chunk:
     each: means (M, K), and standard deviations (M, K) for a Gaussian head (else None)."""
     k, S = shape(config)[0], config.train.seq_len
     apply = jax.jit(lambda p, rows: SeriesTransformer(config.model).apply(
-        {"params": p}, inputs(rows, k))[:, -1])
-    rows = lambda i: series.windows(z_NxF, ends[i:i + chunk], S).astype(np.float32)
+        {"params": p}, series_inputs(rows, k))[:, -1])
+    rows = lambda i: series.histories(z_NxF, ends[i:i + chunk], S).astype(np.float32)
     out = np.concatenate([np.asarray(apply(params, rows(i)))
                           for i in range(0, len(ends), chunk)])
     if config.train.head == "point":
@@ -190,7 +47,8 @@ def validate(run_dir: str | Path, text: str) -> dict:
     newest checkpoint of `run_dir`, the random walk and the least-squares AR(p) fitted on the
     training part (and, for a Gaussian head, how often the central 90% interval holds the
     value). Written to RUN_DIR/validation.json and returned."""
-    config, scaler, params, step = run.load_for_sampling(run_dir)
+    trained = tasks.load(run_dir)
+    config, scaler, params = trained.config, trained.scaler, trained.params
     table = read(config, text)
     k, p = table.targets, config.train.ar_order
     n_train = series.train_rows(len(table), config.train.val_fraction)
@@ -200,7 +58,7 @@ def validate(run_dir: str | Path, text: str) -> dict:
     predictions = {"model": scaler.invert(mean), "random walk": series.random_walk(y_NxK, ends),
                    f"AR({p})": series.autoregression(y_NxK, n_train, p, ends)}
     names = table.names[:k]
-    report = {"step": step, "from": table.time[n_train], "to": table.time[-1],
+    report = {"step": trained.step, "from": table.time[n_train], "to": table.time[-1],
               "points": len(ends), "rmse": {
                   label: dict(zip(names, series.rmse(pred, actual).tolist()))
                   for label, pred in predictions.items()}}
@@ -239,7 +97,7 @@ def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: in
         return y_BxK
 
     # The inputs of time t are the series at t and the covariates at t + 1.
-    inputs_at = lambda path, start, n: inputs(
+    inputs_at = lambda path, start, n: series_inputs(
         jax.lax.dynamic_slice_in_dim(path, start, n + 1, axis=1), k)
     y_HxBxK = autoregress(model, params, path_BxPxF, length, rng,
                           count=path_BxPxF.shape[1] - length - 1, width=length, window=window,

@@ -1,4 +1,5 @@
-"""Causal transformer in Flax linen: embedding, positions, L attention blocks, tied prediction.
+"""Causal transformer in Flax linen: embedding, positions, L attention blocks, tied prediction;
+and the same trunk over real-valued series.
 
 Shapes are in names: B batch, T sequence (this call), S cache length, D d_model, H heads,
 K head dim, F feed-forward size, V vocabulary.
@@ -250,22 +251,50 @@ class Transformer(nn.Module):
         return logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
 
 
-def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
+class SeriesTransformer(nn.Module):
+    """The same trunk over real values: standardised inputs (B, T, F) -> float32 outputs
+    (B, T, O), O = `config.outputs` (a series head's K values, or K means then K log-variances).
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxF, *, decode=False, train=False):
+        cfg = self.config
+        x_BxTxD = nn.Dense(cfg.d_model, dtype=_dtype(cfg), name="embed")(x_BxTxF)
+        h_BxTxD = Trunk(cfg, name="trunk")(x_BxTxD, decode=decode, train=train)
+        out_BxTxO = nn.Dense(cfg.outputs, dtype=_dtype(cfg), name="head",
+                             kernel_init=_INIT)(h_BxTxD)
+        return out_BxTxO.astype(jnp.promote_types(out_BxTxO.dtype, jnp.float32))
+
+
+def series_inputs(rows_BxRxF: jax.Array, k: int) -> jax.Array:
+    """A series model's inputs from rows of R times whose first k features are the forecast
+    series: the series at times 0..R-2 beside the covariates at times 1..R-1, (B, R - 1, F)."""
+    return jnp.concatenate([rows_BxRxF[:, :-1, :k], rows_BxRxF[:, 1:, k:]], axis=-1)
+
+
+def init_params(config: TransformerConfig, rng: jax.Array, *, series_features: int = 0) -> dict:
     """Freshly initialised parameters, compiled (linen's eager init is slow): float32, or
     float64 for a float64 model (everything in double precision, for reference checks).
 
+    Of a `Transformer`, or given `series_features` F, of a `SeriesTransformer` over F inputs.
     The same `rng` gives the same numbers with and without `scan_layers` (only stacked)."""
-    ids = jnp.zeros((1, config.max_len), jnp.int32)
-    unrolled = Transformer(dataclasses.replace(config, scan_layers=False))
-    params = layered(jax.jit(unrolled.init)(rng, ids)["params"], config.scan_layers)
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    if series_features:
+        model, example = SeriesTransformer(unrolled), jnp.zeros((1, 1, series_features), jnp.float32)
+    else:
+        model, example = Transformer(unrolled), jnp.zeros((1, config.max_len), jnp.int32)
+    params = layered(jax.jit(model.init)(rng, example)["params"], config.scan_layers)
     if config.dtype == "float64":
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     return params
 
 
-def param_shapes(config: TransformerConfig) -> dict:
+def param_shapes(config: TransformerConfig, *, series_features: int = 0) -> dict:
     """The parameter tree as shapes and dtypes only (restore and load targets); no compute."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0),
+                                              series_features=series_features))
 
 
 def init_cache(config: TransformerConfig, batch_size: int) -> dict:

@@ -2,6 +2,8 @@
 
     RUN_DIR/checkpoints/     orbax steps (see checkpoint.py)
     RUN_DIR/metrics.jsonl    one JSON object per log point
+
+The loop never names a kind of run: `tasks.kind_of` builds what it trains.
 """
 
 from __future__ import annotations
@@ -20,191 +22,39 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from transformer_jax import data, training
+from transformer_jax import parallel, tasks, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
-from transformer_jax.config import Config
+from transformer_jax.config import FIXED_ON_RESUME, Config
 from transformer_jax.errors import RunStopped, UserError
-from transformer_jax.model import Transformer, count_params, init_params, param_shapes
-from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
+from transformer_jax.model import count_params
+from transformer_jax.tasks import Task, Trained
 
-# Fields that fix what a checkpoint's parameters and data order mean: they must not change on
-# resume. Everything else (learning rate, step count, intervals, dropout) may.
-FIXED_ON_RESUME = ("vocab_size", "d_model", "layers", "heads", "d_ff", "activation", "norm",
-                   "positions", "max_len", "tie_embeddings", "layer_norm_eps", "head_size",
-                   "scan_layers", "batching", "seq_len", "batch_size", "streams",
-                   "val_fraction", "split_docs", "min_len", "init", "finetune", "columns",
-                   "covariates", "time_column", "head", "optimizer", "seed")
 # What differs when another key of the metadata differs.
 _META_NAMES = {"tokenizer": "a corpus with another vocabulary",
                "base": "another pretrained model", "tokens": "a corpus with other tokens"}
 
 
-@dataclass(frozen=True)
-class Task:
-    """What a run trains, everything but the loop: built by `char_task`, `transfer.task`, ...
-
-    `loss(train)` is the loss function in training or evaluation mode; `init_params()` returns
-    fresh trained parameters; `val_rows` is every validation row as (N, B,
-    S, ...) batches; `meta` (JSON) identifies the model and data and is saved with every
-    checkpoint.
-    """
-
-    config: Config
-    loss: Callable[[bool], training.LossFn]
-    init_params: Callable[[], Any]
-    batches: data.Batches
-    val_rows: Any
-    meta: dict
-    unit: str = "char"
+def load_for_sampling(run_dir: str | Path, step: int | None = None) -> Trained:
+    """The model of checkpoint `step` (default: the newest) in `run_dir`, ready for
+    `sampling.complete` (`.tokenizer`) or `forecast.forecast` (`.scaler`); see `tasks.load`."""
+    return tasks.load(run_dir, step)
 
 
-def _flat(config: Config) -> dict[str, Any]:
-    return {**asdict(config.model), **asdict(config.train)}
-
-
-def check_resumable(saved: dict, wanted: dict, where: str) -> None:
-    """Raise UserError naming the first setting (or metadata entry) in which checkpoint
-    metadata `saved` differs from `wanted`'s."""
-    a, b = _flat(Config.from_dict(saved["config"])), _flat(Config.from_dict(wanted["config"]))
-    for name in FIXED_ON_RESUME:
-        if a[name] != b[name]:
-            raise UserError(f"{where} was trained with {name}={a[name]!r}, not {b[name]!r}; "
-                            "use the same setting, another --run-dir, or --fresh")
-    for key in wanted.keys() - {"config"}:
-        if saved.get(key) != wanted[key]:
-            raise UserError(f"{where} was trained on {_META_NAMES.get(key, 'another ' + key)}; "
-                            "use the same --data, another --run-dir, or --fresh")
-
-
-def load_for_sampling(run_dir: str | Path, step: int | None = None
-                      ) -> tuple[Config, Any, Any, int]:
-    """(config, tokenizer, params, step) of checkpoint `step` (default: the newest) in
-    `run_dir`, ready for `sampling.complete` (a transfer-learning run's head is mapped back to
-    the whole vocabulary), or, for a series run, (config, scaler, params, step) for
-    `forecast.forecast`.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise UserError(f"run directory {run_dir} holds no checkpoint; train one with "
-                        f"`python train.py --run-dir {run_dir}`")
-    ckpt = RunCheckpoints(run_dir, read_only=True)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
-        if step is None:
-            step = steps[0]
-        elif step not in steps:
-            raise UserError(f"run directory {run_dir} has no checkpoint of step {step}; give "
-                            f"--step one of {', '.join(map(str, sorted(steps)))}")
-        try:
-            return (*_load(ckpt, step), step)
-        except UnreadableCheckpoint as e:
-            older = [s for s in steps if s < step]
-            if not older:
-                raise
-            raise UnreadableCheckpoint(f"{e}; use an older checkpoint with --step {older[0]}"
-                                       ) from None
-    finally:
-        ckpt.close()
-
-
-def _load(ckpt: RunCheckpoints, step: int) -> tuple[Config, Any, Any]:
-    """load_for_sampling's (config, tokenizer or scaler, params) for `step` of `ckpt`."""
-    meta = ckpt.meta(step)
-    config = Config.from_dict(meta["config"])
-    restore = lambda shapes: ckpt.restore_params(step, shapes)
-    if config.train.columns is not None:
-        from transformer_jax import forecast
-
-        return forecast.for_sampling(config, meta, restore)
-    if config.train.init != "scratch":
-        from transformer_jax import transfer
-
-        return transfer.for_sampling(config, meta, restore)
-    tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-    return config, tokenizer, restore(param_shapes(config.model))
-
-
-def char_task(config: Config, text: str, n_dev: int, *, tokenizer: CharTokenizer | None = None,
-              say=print) -> Task:
-    """The lecture's first experiment: a character model trained from scratch on `text`.
-
-    `config.model.vocab_size` is set from the tokenizer (built from `text` unless given).
-    """
-    if tokenizer is None:
-        specials = free_specials(text)
-        if specials != DEFAULT_SPECIALS:
-            say(f"the corpus uses some of the default special symbols {DEFAULT_SPECIALS}; "
-                f"start, end, unknown and pad are {specials} instead")
-        tokenizer = CharTokenizer.from_text(text, specials)
-    config = config.replace(vocab_size=tokenizer.vocab_size)
-    cfg, tcfg = config.model, config.train
-    if tcfg.tokens_per_sequence - 1 > cfg.max_len:
-        raise UserError(f"--seq-len {tcfg.seq_len} gives {tcfg.tokens_per_sequence - 1} input "
-                        f"tokens per row, more than --max-len {cfg.max_len}; raise --max-len")
-    batches, val_rows = datasets(tokenizer, text, tcfg, n_dev)
-    model = Transformer(cfg)
-    return Task(config, lambda train: training.lm_loss(model, tokenizer.pad_id, train=train),
-                lambda: init_params(cfg, jax.random.PRNGKey(tcfg.seed)), batches, val_rows,
-                {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()})
-
-
-def datasets(tokenizer, text: str, tcfg, n_dev: int) -> tuple[data.Batches, np.ndarray]:
-    """Training batches, and every validation row as (N, B, S) batches for n_dev devices."""
-    train_text, val_text = data.split_text(text, tcfg.val_fraction)
-    batches = data.train_batches(tokenizer, train_text, tcfg,
-                                 row_multiple=n_dev * tcfg.micro_batches)
-    eval_batch = data.eval_batch_size(tcfg, n_dev)
-    val_rows = data.pad_rows(data.eval_rows(tokenizer, val_text, tcfg), eval_batch,
-                             tokenizer.pad_id)
-    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the records of steps after `step` (redone after a resume), so none repeats."""
-    def kept(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return False  # a line cut short by a killed process
-
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(filter(kept, lines)))
-
-
-def _log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def train(config: Config, text: str, run_dir: str | Path, *, tokenizer: CharTokenizer | None = None,
-          fresh: bool = False, devices=None, quiet: bool = False,
-          resume_command: str = "the same command", resume_from: str = "latest") -> dict:
+def train(config: Config, text: str, run_dir: str | Path, *, fresh: bool = False, devices=None,
+          quiet: bool = False, resume_command: str = "the same command",
+          resume_from: str = "latest") -> dict:
     """Train on `text` in `run_dir`, resuming from its newest checkpoint: a character model
     from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it, or,
     when `config.train.columns` names columns, a series model of `text` read as CSV.
 
     See `fit` for resuming, stopping and the result.
     """
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if config.train.total_steps() <= 0:
         raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
-    mesh = training.data_mesh(devices)
-    if config.train.columns is not None:
-        from transformer_jax import forecast
-
-        task = forecast.task(config, text, mesh, say=say)
-    elif config.train.init == "scratch":
-        task = char_task(config, text, mesh.devices.size, tokenizer=tokenizer, say=say)
-    else:
-        from transformer_jax import transfer
-
-        task = transfer.task(config, text, mesh, say=say, quiet=quiet)
+    mesh = parallel.data_mesh(devices)
+    task = tasks.kind_of(config).build(config, text, mesh, say=_printer(quiet), quiet=quiet)
     return fit(task, run_dir, mesh, fresh=fresh, quiet=quiet, resume_command=resume_command,
                resume_from=resume_from)
 
@@ -222,23 +72,67 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     they share; each places only its own devices' rows of every batch, and only process 0
     prints and writes metrics (orbax coordinates the checkpoint writes).
     """
-    lead = jax.process_index() == 0
-    quiet = quiet or not lead
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    run_dir, config, batches = Path(run_dir), task.config, task.batches
-    tcfg = config.train
-    total_steps = tcfg.total_steps()
-    tx = training.optimizer(tcfg)
-    replicated = NamedSharding(mesh, P())
+    quiet = quiet or not parallel.is_lead()
+    say, run_dir, tcfg = _printer(quiet), Path(run_dir), task.config.train
+    ckpt, state, start = _open(task, run_dir, mesh, fresh, resume_from, say)
+    if start >= tcfg.total_steps():
+        say(f"nothing to do: run directory {run_dir} is already at step {start} "
+            f"of {tcfg.total_steps()}; give a larger --steps to continue")
+        ckpt.close()
+        return {"step": start}
+    say(json.dumps(task.config.to_dict()))
+    say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
+        f"{mesh.devices.flat[0].platform}  {task.kind.unit}s/step: "
+        f"{task.batches.tokens_per_step:,}")
+    loop = _Loop.compile(task, mesh, run_dir / "metrics.jsonl")
+    bar = tqdm(total=tcfg.total_steps(), initial=start, disable=quiet, unit="step",
+               dynamic_ncols=True, file=sys.stdout)
+    note = (lambda *a: None) if quiet else bar.write  # bar.write ignores `disable`
+    stop, step, last = _StopRequests(), start, {}
+    try:
+        while step < tcfg.total_steps():
+            state, last, reached = loop.chunk(state, step, ckpt, note, bar)
+            step = last["step"]
+            stop.agree()
+            if _due(step, tcfg.save_every, tcfg) or reached or stop.signal:
+                ckpt.save(step, state, {**task.meta, "data_position": step})
+            if reached:
+                note(f"validation loss {last['val_loss']:.4f} reached the target "
+                     f"{tcfg.target_loss}")
+                break
+            if stop.signal:
+                ckpt.wait()
+                raise RunStopped(f"interrupted at step {step}, resume with {resume_command}",
+                                 exit_code=128 + stop.signal)
+    finally:
+        _close(stop, bar, ckpt)
+    say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
+    return last
+
+
+def _printer(quiet: bool) -> Callable[..., None]:
+    return (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+
+
+def _due(step: int, every: int, tcfg) -> bool:
+    """Whether `step` is a multiple of `every`, or the run's last."""
+    return step % every == 0 or step == tcfg.total_steps()
+
+
+def _open(task: Task, run_dir: Path, mesh, fresh: bool, resume_from: str, say
+          ) -> tuple[RunCheckpoints, training.TrainState, int]:
+    """The run directory's checkpoints (emptied first when `fresh`), and the state to continue
+    from with its step: the newest checkpoint's, or a new one at step 0."""
+    tcfg, lead = task.config.train, parallel.is_lead()
     initial = task.init_params()  # compiled and cheap; its shapes are also the restore target's
+    replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(lambda p: training.init_state(p, tcfg), initial))
-
     if fresh and run_dir.exists() and lead:
         check_own(run_dir)  # never delete another program's files
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    _sync("fresh")
+    parallel.sync("fresh")
     _check_writable(run_dir)
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
     try:
@@ -246,98 +140,143 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     except UserError:
         ckpt.close()
         raise
-    if start:
-        say(f"resuming from step {start}")
-        if lead:
-            _drop_metrics_after(run_dir / "metrics.jsonl", start)
-    else:
-        state = fresh_state(initial, tcfg, mesh)
-    if start >= total_steps:
-        say(f"nothing to do: run directory {run_dir} is already at step {start} "
-            f"of {total_steps}; give a larger --steps to continue")
-        ckpt.close()
-        return {"step": start}
+    if not start:
+        return ckpt, training.fresh_state(initial, tcfg, mesh), 0
+    say(f"resuming from step {start}")
+    if lead:
+        _drop_metrics_after(run_dir / "metrics.jsonl", start)
+    return ckpt, state, start
 
-    say(json.dumps(config.to_dict()))
-    say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
-        f"{mesh.devices.flat[0].platform}  {task.unit}s/step: {batches.tokens_per_step:,}")
-    chunk_fn = training.compile_train_chunk(mesh, task.loss(True), tx, batches.row_len,
-                                            tcfg.micro_batches)
-    eval_fn = training.compile_evaluate(mesh, task.loss(False))
-    source = place(batches.source, replicated)
-    val_all = place(task.val_rows, NamedSharding(mesh, P(None, "data")))
-    starts_sharding = NamedSharding(mesh, P(None, "data"))
-    val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
-                else val_all)
-    schedule = jax.jit(training.learning_rate(tcfg))  # one compiled call, not ten eager ops
-    metrics_path = run_dir / "metrics.jsonl"
 
-    target = tcfg.target_loss
-    step, t0, last = start, time.perf_counter(), {}
-    bar = tqdm(total=total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True,
-               file=sys.stdout)
-    note = (lambda *a: None) if quiet else bar.write  # bar.write ignores `disable`
-    stop = _StopRequests()
+@dataclass(frozen=True)
+class _Loop:
+    """The compiled steps and evaluation of a task, with its data placed on the devices."""
+
+    task: Task
+    train_chunk: Callable
+    evaluate_fn: Callable
+    schedule: Callable
+    source: Any
+    starts_sharding: Any
+    val_all: Any
+    val_some: Any
+    metrics_path: Path
+    started: float  # time.perf_counter() when the loop began
+
+    @classmethod
+    def compile(cls, task: Task, mesh, metrics_path: Path) -> _Loop:
+        tcfg, batches = task.config.train, task.batches
+        tx = training.optimizer(tcfg)
+        val_all = parallel.place(task.val_rows, parallel.split_batches(mesh))
+        val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
+                    else val_all)
+        return cls(task, training.compile_train_chunk(mesh, task.train_loss, tx, batches.row_len,
+                                                      tcfg.micro_batches),
+                   training.compile_evaluate(mesh, task.eval_loss),
+                   jax.jit(training.learning_rate(tcfg)),  # one compiled call, not ten eager ops
+                   parallel.place(batches.source, parallel.replicated(mesh)),
+                   parallel.split_batches(mesh), val_all, val_some, metrics_path,
+                   time.perf_counter())
+
+    def chunk(self, state, step: int, ckpt: RunCheckpoints, note, bar
+              ) -> tuple[training.TrainState, dict, bool]:
+        """Run the steps up to the next log point after `step`, evaluate when due, record the
+        metrics: (new state, the record, whether the target loss is reached)."""
+        tcfg, batches = self.task.config.train, self.task.batches
+        n = min(tcfg.steps_per_call, tcfg.total_steps() - step,
+                tcfg.eval_every - step % tcfg.eval_every, tcfg.save_every - step % tcfg.save_every)
+        tick = time.perf_counter()
+        state, out = self.train_chunk(state, self.source, parallel.place(
+            batches.starts(step, n), self.starts_sharding))
+        losses = _finite_losses(out, step, tcfg.on_nan, ckpt, note)
+        step += n
+        tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
+        bar.update(n)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
+        record = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
+                  "lr": float(self.schedule(step - 1)), "wall_time": time.perf_counter() - self.started}
+        reached = False
+        if _due(step, tcfg.eval_every, tcfg):
+            reached = self.evaluate(state, step, record, note)
+        if parallel.is_lead():
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return state, record, reached
+
+    def evaluate(self, state, step: int, record: dict, note) -> bool:
+        """Add the validation loss (and bits per unit) to `record`, on the whole split at the
+        end and when the target seems reached (True if it is), else on `eval_batches`."""
+        tcfg, kind = self.task.config.train, self.task.kind
+        target, last = tcfg.target_loss, step == tcfg.total_steps()
+        ev = training.evaluate(self.evaluate_fn, state.params,
+                               self.val_all if last else self.val_some)
+        reached = False
+        if target is not None and ev["loss"] <= target and not last:
+            ev = training.evaluate(self.evaluate_fn, state.params, self.val_all)  # confirm
+            reached = ev["loss"] <= target
+        record["val_loss"] = ev["loss"]
+        bits = ""
+        if kind.cross_entropy:
+            record["val_bpc"] = ev["bpc"]
+            bits = f" ({ev['bpc']:.3f} bits/{kind.unit})"
+        note(f"step {step}: train loss {record['train_loss']:.4f}, val loss {ev['loss']:.4f}"
+             f"{bits}")
+        return reached
+
+
+def _finite_losses(out: dict, step: int, on_nan: str, ckpt: RunCheckpoints, note) -> np.ndarray:
+    """The chunk's losses of the steps after `step` whose update was kept; a non-finite step
+    stops the run (`on_nan` "stop") or is reported as skipped."""
+    losses, finite = np.asarray(out["loss"]), np.asarray(out["finite"])
+    if finite.all():
+        return losses
+    bad = [step + 1 + int(i) for i in np.flatnonzero(~finite)]
+    if on_nan == "stop":
+        raise RunStopped(f"the loss or gradient is not finite at step {bad[0]}; stopped without "
+                         f"saving (last good checkpoint: step {ckpt.latest_step()}); lower --lr, "
+                         "or give --on-nan skip", exit_code=1)
+    note(f"skipped the update of step(s) {', '.join(map(str, bad))}: non-finite loss or "
+         "gradient")
+    return losses[finite] if finite.any() else losses
+
+
+def _close(stop, bar, ckpt: RunCheckpoints) -> None:
+    """Restore the signal handlers, close the progress bar, finish writing and close."""
+    stop.restore()
+    bar.close()
     try:
-        while step < total_steps:
-            n = min(tcfg.steps_per_call, total_steps - step,
-                    tcfg.eval_every - step % tcfg.eval_every,
-                    tcfg.save_every - step % tcfg.save_every)
-            tick = time.perf_counter()
-            state, out = chunk_fn(state, source,
-                                  place(batches.starts(step, n), starts_sharding))
-            losses, finite = np.asarray(out["loss"]), np.asarray(out["finite"])
-            if not finite.all():
-                bad = [step + 1 + int(i) for i in np.flatnonzero(~finite)]
-                if tcfg.on_nan == "stop":
-                    raise RunStopped(
-                        f"the loss or gradient is not finite at step {bad[0]}; stopped without "
-                        f"saving (last good checkpoint: step {ckpt.latest_step()}); lower --lr, "
-                        "or give --on-nan skip", exit_code=1)
-                note(f"skipped the update of step(s) {', '.join(map(str, bad))}: "
-                          "non-finite loss or gradient")
-                losses = losses[finite] if finite.any() else losses
-            step += n
-            tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
-            bar.update(n)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
-            last = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
-                    "lr": float(schedule(step - 1)), "wall_time": time.perf_counter() - t0}
-            reached = False
-            if step % tcfg.eval_every == 0 or step == total_steps:
-                ev = training.evaluate(eval_fn, state.params,
-                                       val_all if step == total_steps else val_some)
-                if target is not None and ev["loss"] <= target and step < total_steps:
-                    ev = training.evaluate(eval_fn, state.params, val_all)  # confirm on all
-                    reached = ev["loss"] <= target
-                last["val_loss"] = ev["loss"]
-                bits = ""
-                if task.unit != "value":  # cross-entropy: also in bits per token
-                    last["val_bpc"] = ev["bpc"]
-                    bits = f" ({ev['bpc']:.3f} bits/{task.unit})"
-                note(f"step {step}: train loss {last['train_loss']:.4f}, "
-                     f"val loss {ev['loss']:.4f}{bits}")
-            if lead:
-                _log(metrics_path, last)
-            stop.agree()
-            if step % tcfg.save_every == 0 or step == total_steps or reached or stop.signal:
-                ckpt.save(step, state, {**task.meta, "data_position": step})
-            if reached:
-                note(f"validation loss {last['val_loss']:.4f} reached the target {target}")
-                break
-            if stop.signal:
-                ckpt.wait()
-                raise RunStopped(f"interrupted at step {step}, resume with {resume_command}",
-                                 exit_code=128 + stop.signal)
+        ckpt.wait()
     finally:
-        stop.restore()
-        bar.close()
+        ckpt.close()
+
+
+def check_resumable(saved: dict, wanted: dict, where: str) -> None:
+    """Raise UserError naming the first setting (or metadata entry) in which checkpoint
+    metadata `saved` differs from `wanted`'s."""
+    flat = lambda meta: {**asdict(Config.from_dict(meta["config"]).model),
+                         **asdict(Config.from_dict(meta["config"]).train)}
+    a, b = flat(saved), flat(wanted)
+    for name in FIXED_ON_RESUME:
+        if a[name] != b[name]:
+            raise UserError(f"{where} was trained with {name}={a[name]!r}, not {b[name]!r}; "
+                            "use the same setting, another --run-dir, or --fresh")
+    for key in wanted.keys() - {"config"}:
+        if saved.get(key) != wanted[key]:
+            raise UserError(f"{where} was trained on {_META_NAMES.get(key, 'another ' + key)}; "
+                            "use the same --data, another --run-dir, or --fresh")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records of steps after `step` (redone after a resume), so none repeats."""
+    def kept(line: str) -> bool:
         try:
-            ckpt.wait()
-        finally:
-            ckpt.close()
-    say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
-    return last
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False  # a line cut short by a killed process
+
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(filter(kept, lines)))
 
 
 def _resume(ckpt: RunCheckpoints, meta: dict, abstract, run_dir: Path, resume_from: str, say):
@@ -391,30 +330,6 @@ class _StopRequests:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def fresh_state(params, tcfg, mesh) -> training.TrainState:
-    """A new training state for `params` (host or device arrays), replicated over `mesh` as the
-    compiled chunk takes it: laid out once, not re-laid out on every call."""
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(lambda p: training.init_state(p, tcfg), out_shardings=replicated)(
-        place(params, replicated))
-
-
-def place(tree, sharding: NamedSharding):
-    """Host arrays, the same in every process, as global arrays laid out by `sharding`; each
-    process copies only the shards of its own devices."""
-    def one(a):
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree.map(one, tree)
-
-
-def _sync(name: str) -> None:
-    """Wait until every process gets here (nothing to wait for in a single process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"transformer-jax {name}")
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -143,7 +143,7 @@ class Scaler:
         return cls(np.array(d["mean"]), np.array(d["std"]))
 
 
-def windows(values_NxF: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+def histories(values_NxF: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
     """The rows values[t - length : t + 1] for each t of `ends` (M,): (M, length + 1, F)."""
     return values_NxF[np.asarray(ends)[:, None] + np.arange(-length, 1)]
 

@@ -1,4 +1,4 @@
-"""Loss, evaluation, the data-parallel train step and the compiled multi-step chunk.
+"""Losses, evaluation, the data-parallel train step and the compiled multi-step chunk.
 
 Data parallelism is written the way JAX recommends in place of `jax.pmap`: one `jax.jit` over
 global arrays, the batch sharded along the `data` axis of a device mesh and the state
@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from transformer_jax import parallel
 from transformer_jax.config import TrainConfig
 from transformer_jax.data import gather
+from transformer_jax.model import series_inputs
 
 # (params, batch, rng) -> (summed loss, number of counted targets)
 LossFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+_LOG_2PI = float(np.log(2 * np.pi))
 
 
 @flax.struct.dataclass
@@ -34,17 +36,6 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32 (2,) raw key, so checkpoints hold it as a plain array
-
-
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh named `data` over `devices` (default: all devices).
-
-    Auto axis type: the global-view step lets XLA place the collectives (the Explicit default
-    of `jax.make_mesh` would demand sharding annotations on every embedding lookup).
-    """
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
@@ -134,10 +125,44 @@ def lm_loss(model: flax.linen.Module, pad_id: int, *, train: bool = True,
     return loss
 
 
+def value_losses(out_BxTxO: jax.Array, y_BxTxK: jax.Array, head: str) -> jax.Array:
+    """Loss of each target value of a series head, (B, T, K): squared error (`point`), or the
+    Gaussian negative log-likelihood 0.5 (log 2 pi + log var + (y - mean)^2 / var)."""
+    if head == "point":
+        return (out_BxTxO - y_BxTxK) ** 2
+    mean_BxTxK, logvar_BxTxK = jnp.split(out_BxTxO, 2, axis=-1)
+    return 0.5 * (_LOG_2PI + logvar_BxTxK
+                  + (y_BxTxK - mean_BxTxK) ** 2 * jnp.exp(-logvar_BxTxK))
+
+
+def series_loss(model: flax.linen.Module, k: int, head: str, *, train: bool) -> LossFn:
+    """A series model's loss of rows {"x": (B, S + 1, F) standardised times, the K forecast
+    series first, "w": (B, S + 1) weight of each time as a target (the first is never one)}:
+    (summed loss, weighted count of values)."""
+
+    def loss(params, rows, rng):
+        x_BxRxF = rows["x"]
+        out_BxTxO = model.apply({"params": params}, series_inputs(x_BxRxF, k), train=train,
+                                rngs={"dropout": rng})
+        w_BxTx1 = rows["w"][:, 1:, None]
+        losses = value_losses(out_BxTxO, x_BxRxF[:, 1:, :k], head)
+        return jnp.sum(w_BxTx1 * losses), jnp.sum(w_BxTx1) * k
+
+    return loss
+
+
 def init_state(params: Any, cfg: TrainConfig) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer(cfg).init(params),
                       rng=jax.random.PRNGKey(cfg.seed + 1))
+
+
+def fresh_state(params: Any, cfg: TrainConfig, mesh) -> TrainState:
+    """A new training state for `params` (host or device arrays), replicated over `mesh` as the
+    compiled chunk takes it: laid out once, not re-laid out on every call."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(lambda p: init_state(p, cfg), out_shardings=replicated)(
+        parallel.place(params, replicated))
 
 
 def loss_and_grads(loss_fn: LossFn, params: Any, rows_BxS: jax.Array, rng: jax.Array,
@@ -200,8 +225,7 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
     on device from the replicated `source` (an (N, ...) array or a pytree of them); their rows
     are split across the mesh. The old state is donated, so parameters are updated in place.
     """
-    replicated = NamedSharding(mesh, P())
-    rows_sharding = NamedSharding(mesh, P("data", None))
+    replicated, rows_sharding = parallel.replicated(mesh), parallel.split_rows(mesh)
     step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, micro_batches=micro_batches)
 
     def chunk(state, source, starts_KxB):
@@ -212,22 +236,20 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
 
         return jax.lax.scan(body, state, starts_KxB)
 
-    starts_sharding = NamedSharding(mesh, P(None, "data"))
-    return jax.jit(chunk, in_shardings=(replicated, replicated, starts_sharding),
+    return jax.jit(chunk, in_shardings=(replicated, replicated, parallel.split_batches(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def compile_evaluate(mesh, loss_fn: LossFn):
     """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows (a pytree
     of such arrays), for an evaluation-mode loss such as `lm_loss(model, pad_id, train=False)`."""
-    rows_sharding = NamedSharding(mesh, P(None, "data", None))
-
     def evaluate(params, rows_NxBxS):
         rng = jax.random.PRNGKey(0)  # unused: no dropout in evaluation mode
         sums, counts = jax.lax.map(lambda rows: loss_fn(params, rows, rng), rows_NxBxS)
         return jnp.sum(sums), jnp.sum(counts)
 
-    return jax.jit(evaluate, in_shardings=(NamedSharding(mesh, P()), rows_sharding))
+    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh),
+                                           parallel.split_batches(mesh)))
 
 
 def evaluate(evaluate_fn, params, rows_NxBxS) -> dict:

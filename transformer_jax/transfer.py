@@ -1,4 +1,4 @@
-"""Transfer learning from pretrained GPT-2: the lecture's second experiment.
+"""Transfer learning from pretrained GPT-2 (the lecture's second experiment): its pieces.
 
 A new prediction layer over only the tokens the corpus uses (the lecture's `tokens`) replaces
 GPT-2's. It starts as GPT-2's own prediction layer restricted to those tokens (their rows of the
@@ -13,24 +13,22 @@ tied token embedding), so training starts from the pretrained model's prediction
 
 Checkpoints hold only what is trained (a head-only run: the head, with its Adam state); their
 metadata names the base model and the sha256 of its weights, which resuming and sampling check.
+The task itself (what is trained, and how a checkpoint is read back) is `tasks.transfer`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from transformer_jax import data, gpt2, run, training
-from transformer_jax.config import PRETRAINED_MODEL_FIELDS, Config
+from transformer_jax import data, gpt2, parallel, training
 from transformer_jax.errors import UserError
-from transformer_jax.model import Transformer, Trunk, count_params, layered, param_shapes
+from transformer_jax.model import Trunk
 
 _NEVER = -1e9  # logit of a token outside the corpus's vocabulary, once mapped back to GPT-2's
 
@@ -47,7 +45,7 @@ def base_identity(name_or_path: str, directory: Path) -> dict:
             "sha256": digest.hexdigest()}
 
 
-def _load_base(name_or_path: str, expected: dict | None = None):
+def load_base(name_or_path: str, expected: dict | None = None):
     """(model, params, tokenizer, identity) of the base GPT-2, checked against `expected`."""
     directory = gpt2.locate(name_or_path)
     identity = base_identity(name_or_path, directory)
@@ -62,6 +60,16 @@ def restricted_head(embedding_VxD: np.ndarray, tokens: np.ndarray) -> dict:
     """GPT-2's tied prediction layer restricted to `tokens`: kernel (D, V'), zero bias (V',)."""
     return {"kernel": jnp.asarray(embedding_VxD[tokens].T),
             "bias": jnp.zeros(len(tokens), jnp.float32)}
+
+
+def full_vocabulary_head(head: dict, tokens: np.ndarray, vocab_size: int) -> dict:
+    """A restricted head (kernel (D, V'), bias (V',)) mapped back onto the whole vocabulary:
+    tokens outside `tokens` get a logit of -1e9, so they are never sampled and the sampler works
+    with GPT-2's ids throughout."""
+    tokens = jnp.asarray(tokens)
+    d_model = head["kernel"].shape[0]
+    return {"kernel": jnp.zeros((d_model, vocab_size)).at[:, tokens].set(head["kernel"]),
+            "bias": jnp.full(vocab_size, _NEVER).at[tokens].set(head["bias"])}
 
 
 def head_loss(params, rows, rng):
@@ -85,90 +93,11 @@ def hidden_states(config, params, rows_NxS: np.ndarray, pad_id: int, mesh, batch
         return trunk.apply({"params": params["trunk"]}, x_BxTxD, valid_BxT).astype(jnp.float32)
 
     step = -(-batch_size // mesh.devices.size) * mesh.devices.size
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, split = parallel.replicated(mesh), parallel.split_rows(mesh)
     compute = jax.jit(features, out_shardings=replicated)
-    params = run.place(params, replicated)
+    params = parallel.place(params, replicated)
     rows = data.pad_rows(rows_NxS, step, pad_id)
-    out = [np.asarray(compute(params, run.place(rows[i:i + step], split)))
+    out = [np.asarray(compute(params, parallel.place(rows[i:i + step], split)))
            for i in tqdm(range(0, len(rows), step), desc="hidden states", unit="batch",
                          disable=quiet, leave=False)]
     return np.concatenate(out)[:len(rows_NxS)]
-
-
-def task(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> run.Task:
-    """Transfer learning from the GPT-2 named by `config.train.init` on `text` (see module)."""
-    tcfg = config.train
-    model0, params0, tokenizer, identity = _load_base(tcfg.init)
-    base_cfg = model0.config
-    say(f"pretrained model: {identity['model']} ({count_params(params0):,} parameters, "
-        f"{base_cfg.layers} layers, d_model {base_cfg.d_model}, context {base_cfg.max_len})")
-    if tcfg.seq_len > base_cfg.max_len:
-        raise UserError(f"--seq-len {tcfg.seq_len} exceeds the context of {tcfg.init} "
-                        f"({base_cfg.max_len} tokens); lower --seq-len")
-    batches, val_rows = run.datasets(tokenizer, text, tcfg, mesh.devices.size)
-    pad = tokenizer.pad_id
-    used = np.concatenate([batches.source, val_rows.ravel()])
-    tokens = np.unique(used[used != pad])
-    if tokens.max() >= base_cfg.vocab_size:
-        raise UserError(f"the tokenizer of {tcfg.init} gives ids beyond its model's vocabulary "
-                        f"({base_cfg.vocab_size})")
-    cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=len(tokens),
-                              **{k: getattr(config.model, k) for k in PRETRAINED_MODEL_FIELDS})
-    params0 = layered(params0, cfg.scan_layers)
-    config = Config(cfg, tcfg)
-    meta = {"config": config.to_dict(), "base": identity, "tokens": tokens.tolist()}
-    head = restricted_head(np.asarray(params0["embed"]["embedding"]), tokens)
-    say(f"corpus: {len(tokens):,} distinct tokens of GPT-2's {tokenizer.vocab_size:,}; "
-        f"fine-tuning: {tcfg.finetune}")
-    index = np.zeros(max(base_cfg.vocab_size, pad + 1), np.int32)  # token id -> head output
-    index[tokens] = np.arange(len(tokens))
-
-    if tcfg.finetune == "full":
-        model = Transformer(cfg)
-        params = {**params0, "head": head}
-        return run.Task(config, lambda train: training.lm_loss(model, pad, train=train,
-                                                               target_ids=index),
-                        lambda: params, batches, val_rows, meta, unit="token")
-
-    features = lambda rows: hidden_states(cfg, params0, rows, pad, mesh, tcfg.batch_size, quiet)
-
-    def cached(rows_NxS):
-        """{"h": (N, S-1, D), "y": (N, S-1)}: hidden states and next-token head indices."""
-        targets = rows_NxS[:, 1:]
-        return {"h": features(rows_NxS), "y": np.where(targets != pad, index[targets], -1)}
-
-    B, T = tcfg.batch_size, tcfg.seq_len
-    pool_batches = max(1, -(-len(batches.source) // (T * B)))
-    say(f"caching the frozen trunk's hidden states of {pool_batches * B:,} training windows "
-        f"and {val_rows.shape[0] * val_rows.shape[1]:,} validation windows")
-    starts = batches.starts(0, pool_batches).reshape(-1)
-    pool = cached(batches.source[starts[:, None] + np.arange(batches.row_len)])
-    val = cached(val_rows.reshape(-1, val_rows.shape[-1]))
-    spans = np.stack([np.arange(len(starts)) * T, np.full(len(starts), T)], axis=1)
-    cache = data.Batches({k: v.reshape(len(starts) * T, *v.shape[2:]) for k, v in pool.items()},
-                             T, B, "random", tcfg.seed, docs=spans, predicts_last=True)
-    val = {k: v.reshape(*val_rows.shape[:2], *v.shape[1:]) for k, v in val.items()}
-    return run.Task(config, lambda train: head_loss, lambda: {"head": head}, cache, val, meta,
-                    unit="token")
-
-
-def for_sampling(config: Config, meta: dict, restore) -> tuple[Config, gpt2.BPETokenizer, dict]:
-    """(config, tokenizer, params) of a transfer-learning run for `sampling.complete`.
-
-    `restore(shapes)` reads the run's trained parameters. The head is mapped back onto GPT-2's
-    whole vocabulary: tokens the corpus never used get a logit of -1e9, so they are never
-    sampled and the sampler works with GPT-2's ids throughout.
-    """
-    _, params0, tokenizer, _ = _load_base(meta["base"]["model"], meta["base"])
-    shapes = param_shapes(config.model)
-    if config.train.finetune == "head":
-        params = {**params0, **restore({"head": shapes["head"]})}
-    else:
-        params = restore(shapes)
-    tokens = jnp.asarray(meta["tokens"])
-    cfg = dataclasses.replace(config.model, head_size=0)
-    head = params["head"]
-    full = {"kernel": jnp.zeros((cfg.d_model, cfg.vocab_size)).at[:, tokens].set(head["kernel"]),
-            "bias": jnp.full(cfg.vocab_size, _NEVER).at[tokens].set(head["bias"])}
-    return Config(cfg, config.train), tokenizer, layered({**params, "head": full},
-                                                         cfg.scan_layers)
