@@ -1,9 +1,10 @@
-# One command from nothing: `make train` (venv, install, corpus, default model), `make test`.
+# One command from nothing: `make train` (venv, install, corpus, default model), `make test`
+# (static checks: ruff and the import layers, then pytest).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install data train test clean
+.PHONY: install data train lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,11 @@ data: install
 train: data
 	$(PY) train.py
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

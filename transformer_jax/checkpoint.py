@@ -1,7 +1,7 @@
 """Run directories: orbax checkpoints of the train state beside JSON metadata.
 
     RUN_DIR/checkpoints/<step>/state/   params, optimizer state, step, rng (orbax, async, atomic)
-    RUN_DIR/checkpoints/<step>/meta/    config, tokenizer, data position (JSON)
+    RUN_DIR/checkpoints/<step>/meta/    config, data position, tokenizer or scaler... (JSON)
 
 Each step directory is self-contained: its metadata alone rebuilds the model and tokenizer that
 sampling needs. Orbax writes a step under a temporary name and renames it when complete, so a
@@ -78,7 +78,9 @@ class RunCheckpoints:
         return target
 
     def meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of `step`: {"format", "config", "tokenizer", "data_position"}."""
+        """The JSON metadata of `step`: "format", "config" and "data_position", and what its
+        kind of run needs besides (see `tasks`): "tokenizer" (a character model), "base" and
+        "tokens" (GPT-2 transfer), "series" (a series model's standardisation)."""
         meta = self._restore(step, "meta", ocp.args.JsonRestore(), lambda e: (
             f"checkpoint step {step} in {self.dir}: metadata unreadable ({type(e).__name__})"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -17,6 +17,7 @@ from typing import Any
 from transformer_jax import config as config_lib
 from transformer_jax.errors import RunStopped, UserError
 
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end in one `error:` line (exit code 2), like every other bad input."""
 

@@ -1,4 +1,5 @@
-"""The one exception type whose message is shown to a user as a single line (exit code 2)."""
+"""The two exceptions that end a command without a traceback: `UserError`, shown as one
+`error:` line with exit code 2, and `RunStopped`, a training run stopped on purpose."""
 
 
 class UserError(Exception):

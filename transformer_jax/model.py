@@ -282,9 +282,11 @@ def init_params(config: TransformerConfig, rng: jax.Array, *, series_features: i
     The same `rng` gives the same numbers with and without `scan_layers` (only stacked)."""
     unrolled = dataclasses.replace(config, scan_layers=False)
     if series_features:
-        model, example = SeriesTransformer(unrolled), jnp.zeros((1, 1, series_features), jnp.float32)
+        model = SeriesTransformer(unrolled)
+        example = jnp.zeros((1, 1, series_features), jnp.float32)
     else:
-        model, example = Transformer(unrolled), jnp.zeros((1, config.max_len), jnp.int32)
+        model = Transformer(unrolled)
+        example = jnp.zeros((1, config.max_len), jnp.int32)
     params = layered(jax.jit(model.init)(rng, example)["params"], config.scan_layers)
     if config.dtype == "float64":
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
@@ -322,7 +324,8 @@ def layered(params: dict, scan_layers: bool) -> dict:
     elif not scan_layers and "blocks" in trunk:
         stacked = trunk.pop("blocks")
         count = jax.tree.leaves(stacked)[0].shape[0]
-        trunk.update({f"block_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(count)})
+        trunk.update({f"block_{i}": jax.tree.map(lambda x: x[i], stacked)  # noqa: B023 (now)
+                      for i in range(count)})
     return {**params, "trunk": trunk}
 
 

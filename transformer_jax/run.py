@@ -15,9 +15,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -194,7 +195,8 @@ class _Loop:
         bar.update(n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
         record = {"step": step, "train_loss": float(losses.mean()), "tokens_per_s": tok_s,
-                  "lr": float(self.schedule(step - 1)), "wall_time": time.perf_counter() - self.started}
+                  "lr": float(self.schedule(step - 1)),
+                  "wall_time": time.perf_counter() - self.started}
         reached = False
         if _due(step, tcfg.eval_every, tcfg):
             reached = self.evaluate(state, step, record, note)

@@ -8,8 +8,9 @@ one dispatch from a config to its kind; nothing above this package names a kind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformer_jax.config import Config
 from transformer_jax.data import Batches

@@ -13,8 +13,13 @@ from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, count_params, layered, param_shapes
 from transformer_jax.plot import CROSS_ENTROPY
 from transformer_jax.tasks.base import Task, TaskKind, Trained
-from transformer_jax.transfer import (full_vocabulary_head, head_loss, hidden_states,
-                                      load_base, restricted_head)
+from transformer_jax.transfer import (
+    full_vocabulary_head,
+    head_loss,
+    hidden_states,
+    load_base,
+    restricted_head,
+)
 
 
 def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
