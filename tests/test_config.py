@@ -4,11 +4,19 @@ lists the rest of the code uses are derived from those declarations."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from transformer_jax import cli, config as config_lib
 from transformer_jax.config import Config, TrainConfig, TransformerConfig
+from transformer_jax.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_lists_of_fields_are_derived_from_their_declarations():
@@ -50,3 +58,59 @@ def test_every_field_declares_every_fact():
         for f in dataclasses.fields(cls):
             assert set(f.metadata) == {"help", "fixed", "choices", "pretrained", "series",
                                        "flag"}, f.name
+
+
+# --- config files: anything a user may write gives a config or one error line ----------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=6)
+# Mostly real field names, with values near the edges of their ranges as well as anything.
+FIELD_VALUES = st.dictionaries(
+    st.sampled_from(sorted(config_lib.FIELDS)) | st.text(max_size=8),
+    JSON_VALUES | st.sampled_from([0, 1, -1, 2, 0.5, 1.5, 3.5, 2**31, -(2**31), 1e308,
+                                   float("nan"), float("inf"), "", "a,b", "random", "gpt2"]),
+    max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(FIELD_VALUES, JSON_VALUES))
+def test_any_json_config_file_gives_a_config_or_one_user_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(data))
+    for preset in ("default", "series"):
+        args = cli.train_parser().parse_args(["--config", str(path), "--preset", preset])
+        try:
+            config = cli.resolve_config(args)
+        except UserError as e:
+            assert "\n" not in str(e) and str(e).startswith("--config ")
+        else:
+            assert isinstance(config, Config)
+            assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("text,field", [
+    ('{"lr": NaN}', "lr"), ('{"lr": Infinity}', "lr"), ('{"layers": 3.5}', "layers"),
+    ('{"dropout": -Infinity}', "dropout"), ('{"steps": 1e400}', "steps"),
+    ('{"seed": 99999999999999999999}', "seed"), ('{"seed": -1}', "seed"),
+    ('{"batch_size": 2.0}', "batch_size")])
+def test_a_config_file_number_no_setting_takes_is_refused_by_name(tmp_path, text, field):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    out = subprocess.run([sys.executable, "train.py", "--config", str(path), "--steps", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --config {path}:")
+    assert field in lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--muon-lr", "inf"),
+                                        ("--target-loss", "-inf"), ("--seed", "-3")])
+def test_a_flag_number_no_setting_takes_is_refused_by_name(flag, value):
+    args = cli.train_parser().parse_args([f"{flag}={value}"])
+    with pytest.raises(UserError, match=f"^{flag}: .*{flag[2:].replace('-', '_')}="):
+        cli.resolve_config(args)

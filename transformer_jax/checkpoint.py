@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from transformer_jax.errors import UserError
 
 FORMAT = "transformer-jax/1"
+_LISTING_TRIES = 5
 # What may sit in RUN_DIR/checkpoints: steps, orbax's unfinished ones, steps set aside.
 _OWN_ENTRY = re.compile(r"\d+|\d+\.orbax-checkpoint-tmp.*|unreadable-\d+|\..*")
 
@@ -44,6 +45,10 @@ def check_own(run_dir: str | Path) -> None:
 class UnreadableCheckpoint(UserError):
     """A step whose files are missing or corrupt (as opposed to a readable foreign one)."""
 
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
 
 class RunCheckpoints:
     """The checkpoints of one run directory (wraps an orbax CheckpointManager)."""
@@ -60,8 +65,14 @@ class RunCheckpoints:
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-        self._manager = ocp.CheckpointManager(self.dir, options=options,
-                                              item_names=("state", "meta"))
+        for attempt in range(_LISTING_TRIES):
+            try:
+                self._manager = ocp.CheckpointManager(self.dir, options=options,
+                                                      item_names=("state", "meta"))
+                break
+            except FileNotFoundError:  # a trainer removed an old step while orbax listed them
+                if attempt == _LISTING_TRIES - 1:
+                    raise
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -115,7 +126,7 @@ class RunCheckpoints:
             return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except Exception as e:  # orbax raises many types for a missing or corrupt file
             _ignore_abandoned_coroutines()
-            raise UnreadableCheckpoint(describe(e)) from None
+            raise UnreadableCheckpoint(describe(e), step=step) from None
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start writing `step` in the background; `wait()` until it is complete.

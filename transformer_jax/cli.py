@@ -71,6 +71,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise UserError(f"--config {path}: cannot read it ({e})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"--config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"--config {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: must hold a JSON object of config fields")
     try:
@@ -128,10 +130,11 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
         pretrained = config.kind == "transfer"
         if pretrained and "optimizer" not in {**file, **flags}:
             config = config.replace(optimizer="adamw")
-    except ValueError as e:
+    except ValueError as e:  # name where the setting came from: its flag, or the file
         name = str(e).split("=")[0].split()[-1]
-        flag = "--" + name.replace("_", "-") if name in config_lib.FIELDS else "config"
-        raise UserError(f"{flag}: {e}") from None
+        where = ("--" + name.replace("_", "-") if name in flags or name not in file
+                 else f"--config {args.config}")
+        raise UserError(f"{where if name in config_lib.FIELDS else 'config'}: {e}") from None
     shape = [k for k in flags
              if k in config_lib.MODEL_FIELDS and k not in config_lib.PRETRAINED_MODEL_FIELDS]
     if pretrained and shape:

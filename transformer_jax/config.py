@@ -7,6 +7,7 @@ field from it, and config files and checkpoints store the same fields as flat JS
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 KINDS = ("char", "transfer", "series")
+_INT_LIMIT = 2**31
 
 
 def _f(default: Any, help: str, *, fixed: bool = False, choices: tuple[str, ...] = (),
@@ -193,7 +195,7 @@ class TrainConfig:
             raise ValueError(f"epochs={self.epochs} applies to stream batching only "
                              f"(batching={self.batching!r}); use steps")
         for name in ("warmup_steps", "decay_steps", "eval_batches", "min_lr", "weight_decay",
-                     "grad_clip"):
+                     "grad_clip", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         for name in ("beta1", "beta2"):
@@ -292,15 +294,18 @@ PRETRAINED_MODEL_FIELDS = tuple(name for name, f in MODEL_FIELDS.items()
 
 
 def check_fields(flat: dict[str, Any]) -> None:
-    """Raise ValueError for an unknown field name or a value of the wrong JSON type."""
+    """Raise ValueError for an unknown field name, a value of the wrong JSON type (3.5 for an
+    integer field, a string for a number), or a number that no setting takes: NaN, infinity, or
+    an integer beyond 32 bits (JAX's shapes, steps and seeds)."""
     for name, value in flat.items():
         if name not in FIELDS:
             raise ValueError(f"unknown config field {name!r}")
         expected = FIELD_TYPES[name]
         allowed = typing.get_args(expected) or (expected,)
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if int in allowed and isinstance(value, bool):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if float in allowed and number:
+            ok = True
+        elif int in allowed and isinstance(value, bool):
             ok = False
         else:
             ok = isinstance(value, tuple(t for t in allowed if t is not type(None))) or (
@@ -308,6 +313,10 @@ def check_fields(flat: dict[str, Any]) -> None:
         if not ok:
             names = "/".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise ValueError(f"config field {name!r} must be {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value} must be a finite number")
+        if number and isinstance(value, int) and not -_INT_LIMIT < value < _INT_LIMIT:
+            raise ValueError(f"{name}={value} is out of range (below 2^31 in magnitude)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -130,3 +130,10 @@ def sync(name: str) -> None:
     """Wait until every process gets here (nothing to wait for in a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"transformer-jax {name}")
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.process_allgather(np.int32(value)).max())

@@ -22,13 +22,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from transformer_jax import parallel, tasks, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
 from transformer_jax.config import FIXED_ON_RESUME, Config
 from transformer_jax.errors import RunStopped, UserError
+from transformer_jax.lock import RunLock
 from transformer_jax.model import count_params
 from transformer_jax.tasks import Task, Trained
 
@@ -73,8 +73,35 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     they share; each places only its own devices' rows of every batch, and only process 0
     prints and writes metrics (orbax coordinates the checkpoint writes).
     """
-    quiet = quiet or not parallel.is_lead()
-    say, run_dir, tcfg = _printer(quiet), Path(run_dir), task.config.train
+    run_dir = Path(run_dir)
+    _check_writable(run_dir)
+    lock = _lock(run_dir)
+    try:
+        return _fit(task, run_dir, mesh, fresh, quiet or not parallel.is_lead(), resume_command,
+                    resume_from)
+    finally:
+        lock.release()
+
+
+def _lock(run_dir: Path) -> RunLock:
+    """The run directory's lock, taken by process 0 for every process of the run; UserError in
+    every process when it is held by another run."""
+    lock, error = RunLock(run_dir), ""
+    if parallel.is_lead():
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    if parallel.max_over_processes(int(bool(error))):
+        raise UserError(error or f"run directory {run_dir} is in use by another training run; "
+                        "wait for it to end, or choose another --run-dir")
+    return lock
+
+
+def _fit(task: Task, run_dir: Path, mesh, fresh: bool, quiet: bool, resume_command: str,
+         resume_from: str) -> dict:
+    """`fit` in a run directory that this run holds."""
+    say, tcfg = _printer(quiet), task.config.train
     ckpt, state, start = _open(task, run_dir, mesh, fresh, resume_from, say)
     if start >= tcfg.total_steps():
         say(f"nothing to do: run directory {run_dir} is already at step {start} "
@@ -134,7 +161,6 @@ def _open(task: Task, run_dir: Path, mesh, fresh: bool, resume_from: str, say
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     parallel.sync("fresh")
-    _check_writable(run_dir)
     ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
     try:
         state, start = _resume(ckpt, task.meta, abstract, run_dir, resume_from, say)
@@ -326,8 +352,7 @@ class _StopRequests:
     def agree(self) -> None:
         """Across processes: stop when any process was asked to (a collective; one process
         stopping alone would leave the others waiting in the next step)."""
-        if jax.process_count() > 1:
-            self.signal = int(multihost_utils.process_allgather(np.int32(self.signal)).max())
+        self.signal = parallel.max_over_processes(self.signal)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

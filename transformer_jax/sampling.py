@@ -47,7 +47,8 @@ def check_arguments(*, max_new_tokens: int, temperature: float, top_k: int, top_
     no upper bound on top_k)."""
     rules = (
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "must not be negative"),
-        ("temperature", temperature, temperature >= 0, "must not be negative"),
+        ("temperature", temperature, 0 <= temperature < float("inf"),
+         "must be a finite number, not negative"),
         ("top_k", top_k, 0 <= top_k <= (vocab_size or top_k),
          "must be between 0 (all) and the vocabulary size"),
         ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1]"),

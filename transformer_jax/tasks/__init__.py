@@ -10,6 +10,7 @@ from transformer_jax.errors import UserError
 from transformer_jax.tasks import char, series, transfer
 from transformer_jax.tasks.base import Task, TaskKind, Trained
 
+_READ_TRIES = 5
 KINDS = {kind.name: kind for kind in (char.KIND, transfer.KIND, series.KIND)}
 
 
@@ -20,34 +21,45 @@ def kind_of(config: Config) -> TaskKind:
 
 def load(run_dir: str | Path, step: int | None = None) -> Trained:
     """The model of checkpoint `step` (default: the newest) in `run_dir`, ready for inference
-    (a transfer-learning run's head mapped back to the whole vocabulary)."""
+    (a transfer-learning run's head mapped back to the whole vocabulary).
+
+    A trainer may remove the newest step while it is read (it saved `--keep` newer ones
+    meanwhile): the newest is then read again, from a fresh listing."""
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise UserError(f"run directory {run_dir} holds no checkpoint; train one with "
                         f"`python train.py --run-dir {run_dir}`")
-    ckpt = RunCheckpoints(run_dir, read_only=True)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
-        if step is None:
-            step = steps[0]
-        elif step not in steps:
-            raise UserError(f"run directory {run_dir} has no checkpoint of step {step}; give "
-                            f"--step one of {', '.join(map(str, sorted(steps)))}")
+    for attempt in range(_READ_TRIES):
+        ckpt = RunCheckpoints(run_dir, read_only=True)
         try:
-            meta = ckpt.meta(step)
-            config = Config.from_dict(meta["config"])
-            return kind_of(config).load(config, meta,
-                                        lambda shapes: ckpt.restore_params(step, shapes), step)
+            return _load(ckpt, run_dir, step)
         except UnreadableCheckpoint as e:
-            older = [s for s in steps if s < step]
-            if not older:
+            if step is not None or e.step is None or (ckpt.dir / str(e.step)).exists() \
+                    or attempt == _READ_TRIES - 1:
                 raise
-            raise UnreadableCheckpoint(f"{e}; use an older checkpoint with --step {older[0]}"
-                                       ) from None
-    finally:
-        ckpt.close()
+        finally:
+            ckpt.close()
+
+
+def _load(ckpt: RunCheckpoints, run_dir: Path, step: int | None) -> Trained:
+    steps = ckpt.steps()
+    if not steps:
+        raise UserError(f"run directory {run_dir} holds no complete checkpoint; train first")
+    if step is not None and step not in steps:
+        raise UserError(f"run directory {run_dir} has no checkpoint of step {step}; give "
+                        f"--step one of {', '.join(map(str, sorted(steps)))}")
+    chosen = steps[0] if step is None else step
+    try:
+        meta = ckpt.meta(chosen)
+        config = Config.from_dict(meta["config"])
+        return kind_of(config).load(config, meta,
+                                    lambda shapes: ckpt.restore_params(chosen, shapes), chosen)
+    except UnreadableCheckpoint as e:
+        older = [s for s in steps if s < chosen]
+        if not older:
+            raise
+        raise UnreadableCheckpoint(f"{e}; use an older checkpoint with --step {older[0]}",
+                                   step=chosen) from None
 
 
 __all__ = ["KINDS", "Task", "TaskKind", "Trained", "kind_of", "load"]
