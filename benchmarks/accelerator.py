@@ -23,14 +23,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import gpt2  # noqa: E402
 from train_throughput import SHAPES as CORE_SHAPES  # noqa: E402
 
-from transformer_jax import run, training  # noqa: E402
+from transformer_jax import parallel, training  # noqa: E402
 from transformer_jax.config import TrainConfig, TransformerConfig  # noqa: E402
 from transformer_jax.model import Transformer, flops_per_token, init_params  # noqa: E402
 
@@ -64,20 +63,20 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
     """(tokens/s, seconds/step) of steady-state training."""
     train = TrainConfig(seq_len=seq_len, batch_size=batch)
     pad_id = config.vocab_size  # outside the vocabulary: no random token is padding
-    mesh = training.data_mesh()
+    mesh = parallel.data_mesh()
     chunk = training.compile_train_chunk(
         mesh, training.lm_loss(Transformer(config), pad_id), training.optimizer(train),
         seq_len + 1)
     # Laid out once as train.py lays them out, so that no call re-lays out its inputs.
-    replicated = NamedSharding(mesh, P())
-    state = run.fresh_state(init_params(config, jax.random.PRNGKey(0)), train, mesh)
+    replicated = parallel.replicated(mesh)
+    state = training.fresh_state(init_params(config, jax.random.PRNGKey(0)), train, mesh)
     data_key, starts_key = jax.random.split(jax.random.PRNGKey(1))
     tokens = steps * batch * (seq_len + 1)
     source = jax.device_put(
         jax.random.randint(data_key, (tokens,), 0, config.vocab_size, jnp.int32), replicated)
     starts = jax.device_put(jax.random.randint(starts_key, (steps, batch), 0,
                                                tokens - seq_len - 1),
-                            NamedSharding(mesh, P(None, "data")))
+                            parallel.split_batches(mesh))
 
     def one_call():
         nonlocal state
@@ -124,7 +123,7 @@ def main() -> None:
         f"per call; remat {args.remat}, scanned layers {args.scan_layers}")
     figures = {"device": device.replace(" ", "_"), "batch_size": batch}
     for dtype in dtypes:
-        peak = attempt(f"{dtype} matmul", lambda: common.matmul_peak(matmul_n, dtype))
+        peak = attempt(f"{dtype} matmul", lambda dtype=dtype: common.matmul_peak(matmul_n, dtype))
         if peak is None:
             continue
         figures[f"peak_tflops_{dtype}"] = peak / 1e12
@@ -133,7 +132,7 @@ def main() -> None:
             config = dataclasses.replace(config, dtype=dtype, remat=args.remat,
                                          scan_layers=args.scan_layers)
             label = f"{name} {dtype} (seq {seq_len})"
-            measured = attempt(label, lambda: train_speed(config, seq_len, batch, steps))
+            measured = attempt(label, lambda c=config, t=seq_len: train_speed(c, t, batch, steps))
             if measured is None:
                 continue
             tokens_per_s, seconds = measured

@@ -7,7 +7,7 @@ import time
 
 def use_cpu_cores(n: int | None = None) -> int:
     """One XLA host device per core, as train.py does (call before JAX starts); the count."""
-    from transformer_jax.cli import cpu_cores, use_cpu_devices
+    from transformer_jax.parallel import cpu_cores, use_cpu_devices
 
     n = n or cpu_cores()
     use_cpu_devices(n)

@@ -22,7 +22,7 @@ def measure(layers: int, scan: bool, args) -> tuple[float, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from transformer_jax import training
+    from transformer_jax import parallel, training
     from transformer_jax.config import preset
     from transformer_jax.model import Transformer, init_params
 
@@ -31,7 +31,7 @@ def measure(layers: int, scan: bool, args) -> tuple[float, float]:
         max_len=args.seq_len, seq_len=args.seq_len, batch_size=args.batch_size,
         scan_layers=scan, steps_per_call=args.steps_per_call)
     cfg, tcfg = config.model, config.train
-    mesh = training.data_mesh(jax.devices()[:1])
+    mesh = parallel.data_mesh(jax.devices()[:1])
     chunk = training.compile_train_chunk(mesh, training.lm_loss(Transformer(cfg), pad_id=64),
                                          training.optimizer(tcfg), tcfg.seq_len + 1)
     state = training.init_state(init_params(cfg, jax.random.PRNGKey(0)), tcfg)

@@ -24,40 +24,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="steps per compiled chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the best counts")
     args = p.parse_args()
-    devices = common.use_cpu_cores()
+    common.use_cpu_cores()
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from transformer_jax import run, training
+    from transformer_jax import parallel, tasks, training
     from transformer_jax.config import preset
     from transformer_jax.data import read_text
 
     text = read_text(args.data)
-    task = run.char_task(preset(args.preset).replace(steps_per_call=args.steps), text, devices,
-                         say=lambda *a: None)
+    mesh = parallel.data_mesh()
+    task = tasks.char.build(preset(args.preset).replace(steps_per_call=args.steps), text, mesh,
+                            say=lambda *a: None)
     tcfg, batches = task.config.train, task.batches
-    mesh = training.data_mesh()
-    replicated = NamedSharding(mesh, P())
+    replicated, split_batches = parallel.replicated(mesh), parallel.split_batches(mesh)
     tx = training.optimizer(tcfg)
-    loss = task.loss(True)
+    loss = task.train_loss
     donated = training.compile_train_chunk(mesh, loss, tx, batches.row_len)
-    kept = jax.jit(donated.__wrapped__, in_shardings=(replicated, replicated,
-                                                      NamedSharding(mesh, P(None, "data"))),
+    kept = jax.jit(donated.__wrapped__, in_shardings=(replicated, replicated, split_batches),
                    out_shardings=(replicated, replicated))
     step = lambda state, rows: training.train_step(state, rows, loss_fn=loss, tx=tx)
     host_chunk = jax.jit(lambda state, rows: jax.lax.scan(step, state, rows),
-                         in_shardings=(replicated, NamedSharding(mesh, P(None, "data"))),
+                         in_shardings=(replicated, split_batches),
                          out_shardings=(replicated, replicated), donate_argnums=0)
-    host_step = jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+    host_step = jax.jit(step, in_shardings=(replicated, parallel.split_rows(mesh)),
                         out_shardings=(replicated, replicated), donate_argnums=0)
 
     source_np = np.asarray(batches.source)
-    source = run.place(source_np, replicated)
+    source = parallel.place(source_np, replicated)
     starts_np = batches.starts(0, args.steps)  # (K, B)
-    starts = run.place(starts_np, NamedSharding(mesh, P(None, "data")))
+    starts = parallel.place(starts_np, split_batches)
     host_rows = lambda: source_np[starts_np[..., None] + np.arange(batches.row_len)]  # (K, B, S)
-    fresh = lambda: run.fresh_state(task.init_params(), tcfg, mesh)
+    fresh = lambda: training.fresh_state(task.init_params(), tcfg, mesh)
 
     def timed(name, call):
         state = fresh()

@@ -27,9 +27,8 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
             seconds: float) -> tuple[float, float]:
     """(tokens/s, FLOPs/token) of steady-state training at this shape."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from transformer_jax import data, run, training
+    from transformer_jax import data, parallel, training
     from transformer_jax.config import Config
     from transformer_jax.model import Transformer, flops_per_token, init_params
     from transformer_jax.tokenizer import CharTokenizer
@@ -38,7 +37,7 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
     config = Config().replace(vocab_size=tok.vocab_size, d_model=d_model, layers=layers,
                               heads=heads, d_ff=4 * d_model, max_len=seq_len, seq_len=seq_len,
                               batch_size=batch, steps=1, steps_per_call=20, lr=1e-3)
-    mesh = training.data_mesh()
+    mesh = parallel.data_mesh()
     batches = data.train_batches(tok, text, config.train, row_multiple=mesh.devices.size)
     model = Transformer(config.model)
     tx = training.optimizer(config.train)
@@ -46,11 +45,11 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
                                          batches.row_len)
     # Inputs laid out as train.py lays them out (run.fit): arrays the chunk would otherwise
     # re-lay out on every call, which halved the measured speed.
-    replicated = NamedSharding(mesh, P())
-    state = run.fresh_state(init_params(config.model, jax.random.PRNGKey(0)), config.train,
+    replicated = parallel.replicated(mesh)
+    state = training.fresh_state(init_params(config.model, jax.random.PRNGKey(0)), config.train,
                             mesh)
-    source = run.place(batches.source, replicated)
-    starts = lambda step: run.place(batches.starts(step, k), NamedSharding(mesh, P(None, "data")))
+    source = parallel.place(batches.source, replicated)
+    starts = lambda step: parallel.place(batches.starts(step, k), parallel.split_batches(mesh))
     k = config.train.steps_per_call
     state, out = chunk(state, source, starts(0))  # compile + warm up
     jax.block_until_ready(out)

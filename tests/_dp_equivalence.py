@@ -6,7 +6,7 @@ pytest process). Prints one JSON object on its last stdout line; the test checks
 
 Three Adam steps on the same global batch of 16 rows, all in float64:
   mesh8   training.compile_train_chunk on an 8-device `data` mesh
-  mesh1   the same on a 1-device mesh (training.data_mesh(jax.devices()[:1]))
+  mesh1   the same on a 1-device mesh (parallel.data_mesh(jax.devices()[:1]))
   step8   jax.jit(training.train_step) fed a batch explicitly sharded over the 8 devices
   loop    an independent reference: value_and_grad + optax update, no mesh
 """
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from transformer_jax import data, training
+from transformer_jax import data, parallel, training
 from transformer_jax.config import TrainConfig, TransformerConfig
 from transformer_jax.model import Transformer, init_params
 from transformer_jax.tokenizer import CharTokenizer
@@ -70,8 +70,8 @@ def main() -> None:
         new, metrics = compiled(state, source, starts)
         return new, np.asarray(metrics["loss"]).tolist(), compiled
 
-    mesh8 = training.data_mesh(jax.devices())
-    mesh1 = training.data_mesh(jax.devices()[:1])
+    mesh8 = parallel.data_mesh(jax.devices())
+    mesh1 = parallel.data_mesh(jax.devices()[:1])
     s8, losses8, compiled8 = run_chunk(mesh8)
     s1, losses1, compiled1 = run_chunk(mesh1)
     out["losses8"], out["losses1"] = losses8, losses1

@@ -39,7 +39,7 @@ def random_params(config: TransformerConfig, seed: int = 0, scale: float = 0.5):
     return jax.tree_util.tree_unflatten(flat[1], [jnp.asarray(x) for x in leaves])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(config: TransformerConfig, train: bool = False):
     """Compiled full forward pass (params, ids[, valid][, rngs]) -> float32 logits."""
     return jax.jit(functools.partial(Transformer(config).apply, train=train))

@@ -20,9 +20,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: import the checkout, not an installed copy
@@ -90,7 +90,8 @@ def final_params(run_dir: Path) -> tuple[int, list]:
 
     from transformer_jax.run import load_for_sampling
 
-    _, _, params, step = load_for_sampling(run_dir)
+    trained = load_for_sampling(run_dir)
+    params, step = trained.params, trained.step
     return step, [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
 
 

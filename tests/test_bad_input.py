@@ -89,7 +89,8 @@ def test_a_corpus_of_one_repeated_character_trains(tmp_path, capsys):
     data, run_dir = tmp_path / "a.txt", tmp_path / "run"
     data.write_text("a" * 2000, encoding="utf-8")
     assert train("--data", data, "--run-dir", run_dir) == 0, capsys.readouterr().err
-    _, tokenizer, _, step = load_for_sampling(run_dir)
+    trained = load_for_sampling(run_dir)
+    tokenizer, step = trained.tokenizer, trained.step
     assert step == 2 and tokenizer.chars == ("a",)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(last["val_loss"])

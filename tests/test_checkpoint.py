@@ -58,7 +58,7 @@ def _abstract_state(d_model: int) -> training.TrainState:
         init_params(_model_config(d_model), jax.random.PRNGKey(0)), TrainConfig()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_state() -> tuple[training.TrainState, TransformerConfig]:
     """A state at step 2 whose every leaf (params, Adam moments and count, rng) differs from
     a fresh one, so a restore that fell back to initial values would be caught."""
@@ -176,7 +176,9 @@ def test_load_for_sampling_returns_what_was_saved(tmp_path):
                          "data_position": 2})
     ckpt.wait()
     ckpt.close()
-    got_config, got_tok, params, step = run.load_for_sampling(tmp_path)
+    trained = run.load_for_sampling(tmp_path)
+    got_config, got_tok, params, step = (trained.config, trained.tokenizer, trained.params,
+                                         trained.step)
     assert step == 2
     assert got_config == config
     assert got_tok == tok
@@ -223,7 +225,9 @@ def test_full_run_keeps_last_two_checkpoints_and_loads_for_sampling(full_run):
     run_dir, result = full_run
     assert result["step"] == 20 and np.isfinite(result["val_loss"])
     assert _step_dirs(run_dir) == [15, 20]
-    config, tok, params, step = run.load_for_sampling(run_dir)
+    trained = run.load_for_sampling(run_dir)
+    config, tok, params, step = (trained.config, trained.tokenizer, trained.params,
+                                 trained.step)
     assert step == 20
     assert tok == CharTokenizer.from_text(TEXT)
     assert config == TINY.replace(vocab_size=tok.vocab_size)
@@ -248,8 +252,8 @@ def test_stop_and_resume_equals_one_uninterrupted_run(full_run, tmp_path, capsys
     assert "resuming from step 10" in out
     assert resumed["step"] == 20
 
-    _, _, params_full, _ = run.load_for_sampling(full_dir)
-    _, _, params_resumed, _ = run.load_for_sampling(run_dir)
+    params_full = run.load_for_sampling(full_dir).params
+    params_resumed = run.load_for_sampling(run_dir).params
     for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params_resumed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
     np.testing.assert_allclose(resumed["val_loss"], full_result["val_loss"], rtol=1e-6)
@@ -299,9 +303,10 @@ def test_scanned_layers_train_resume_and_sample_as_the_unrolled_model(tmp_path):
     scanned = run.train(two.replace(scan_layers=True), TEXT, scanned_dir, quiet=True)
     unrolled = run.train(two, TEXT, tmp_path / "unrolled", quiet=True)
     np.testing.assert_allclose(scanned["val_loss"], unrolled["val_loss"], rtol=1e-5)
-    config, tok, params, _ = run.load_for_sampling(scanned_dir)
+    trained = run.load_for_sampling(scanned_dir)
+    config, tok, params = trained.config, trained.tokenizer, trained.params
     assert config.model.scan_layers and "blocks" in params["trunk"]
-    _, _, reference, _ = run.load_for_sampling(tmp_path / "unrolled")
+    reference = run.load_for_sampling(tmp_path / "unrolled").params
     for a, b in zip(jax.tree.leaves(layered(params, False)), jax.tree.leaves(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # float32 rounding, 20 steps
     prompt = tok.encode("Now is", add_start=True)

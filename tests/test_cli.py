@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import option_strings
 
-from transformer_jax import cli
-from transformer_jax import config as config_lib
+from transformer_jax import cli, config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 

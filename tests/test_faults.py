@@ -21,10 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import fault_injection as fi
 import jax
 import pytest
 
-import fault_injection as fi
 from transformer_jax import cli, run
 from transformer_jax.config import preset
 from transformer_jax.errors import UserError

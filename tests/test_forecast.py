@@ -11,22 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax import cli, forecast, plot, run, series, training
+from transformer_jax import cli, forecast, parallel, plot, run, series
 from transformer_jax.config import Config
 from transformer_jax.errors import UserError
+from transformer_jax.model import SeriesTransformer, param_shapes, series_inputs
+from transformer_jax.tasks import series as series_task
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(d_model=16, layers=2, heads=2, d_ff=32, max_len=8, seq_len=8)
 
 
 def small_config(**changes) -> Config:
-    return forecast.model_config(Config().replace(**{**SMALL, "columns": "a,b", **changes}))
+    return series_task.model_config(Config().replace(**{**SMALL, "columns": "a,b", **changes}))
 
 
 def noisy_params(config: Config, seed: int = 0, scale: float = 0.3):
     """Random parameters of the model's shapes (no compiled init), every one far from zero so
     that every output depends visibly on the inputs."""
-    shapes = jax.eval_shape(lambda: forecast.init_params(config, jax.random.PRNGKey(0)))
+    shapes = param_shapes(config.model, series_features=series_task.shape(config)[1])
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), jnp.float32),
                         shapes)
@@ -38,14 +40,14 @@ def csv_text(values: np.ndarray, names: str = "a,b") -> str:
 
 def test_inputs_pair_each_time_with_the_covariates_of_the_next():
     rows = jnp.arange(12.0).reshape(1, 4, 3)  # times 0..3; series 2, then 1 covariate
-    np.testing.assert_array_equal(forecast.inputs(rows, 2)[0],
+    np.testing.assert_array_equal(series_inputs(rows, 2)[0],
                                   [[0, 1, 5], [3, 4, 8], [6, 7, 11]])
 
 
 @pytest.mark.parametrize("head", ["point", "gaussian"])
 def test_the_series_model_is_causal(head):
     config = small_config(covariates="c", head=head)
-    apply = jax.jit(forecast.SeriesTransformer(config.model).apply)
+    apply = jax.jit(SeriesTransformer(config.model).apply)
     params = noisy_params(config)
     x = np.random.default_rng(1).normal(size=(2, 8, 3)).astype(np.float32)
     changed = x.copy()
@@ -59,9 +61,9 @@ def test_the_series_model_is_causal(head):
 def test_the_task_splits_by_time_and_standardises_with_the_training_part_only():
     values = np.column_stack([np.arange(50.0), np.sin(np.arange(50.0))])
     values[40:] += 1000.0  # a validation part far from the training one
-    task = forecast.task(Config().replace(**SMALL, columns="a,b", batch_size=4,
-                                          val_fraction=0.2),
-                         csv_text(values), training.data_mesh(jax.devices()[:1]), say=lambda *a: 0)
+    config = Config().replace(**SMALL, columns="a,b", batch_size=4, val_fraction=0.2)
+    task = series_task.build(config, csv_text(values), parallel.data_mesh(jax.devices()[:1]),
+                             say=lambda *a: 0)
     stats = task.meta["series"]
     np.testing.assert_allclose(stats["mean"], values[:40].mean(axis=0))
     np.testing.assert_allclose(stats["std"], values[:40].std(axis=0))
@@ -73,21 +75,21 @@ def test_the_task_splits_by_time_and_standardises_with_the_training_part_only():
     assert scored.sum() == 10 and not w[:, :-1].any() and not w[~scored].any()
     np.testing.assert_allclose(x[scored, -1], (values[40:] - stats["mean"]) / stats["std"],
                                rtol=1e-6)  # each validation row scored once, in time order
-    assert task.config.model.head_size == 2 and task.unit == "value"
+    assert task.config.model.head_size == 2 and task.kind.unit == "value"
 
 
 def _reference_paths(config, params, history, future, rng, samples):
     """Sample paths by recomputing the whole context at every step, without a cache, keeping
     the context the cached loop keeps: refilled with the last half-window when it is full."""
-    apply = jax.jit(forecast.SeriesTransformer(config.model).apply)
-    k, F = forecast.shape(config)
+    apply = jax.jit(SeriesTransformer(config.model).apply)
+    k, F = series_task.shape(config)
     L, H, W = len(history), len(future), config.train.seq_len
     path = np.zeros((samples, L + H + 1, F), np.float32)
     path[:, :L], path[:, L:L + H, k:] = history, future
     start, out = 0, []
     for t in range(L, L + H):
         o = np.asarray(apply({"params": params},
-                             forecast.inputs(jnp.asarray(path[:, start:t + 1]), k)))[:, -1]
+                             series_inputs(jnp.asarray(path[:, start:t + 1]), k)))[:, -1]
         rng, key = jax.random.split(rng)
         y = o[:, :k]
         if config.train.head == "gaussian":
@@ -105,7 +107,7 @@ def _reference_paths(config, params, history, future, rng, samples):
 def test_cached_forecast_matches_a_full_recompute(head, covariates, scan):
     config = small_config(head=head, covariates=covariates, seq_len=4, max_len=4,
                           scan_layers=scan)
-    k, F = forecast.shape(config)
+    k, F = series_task.shape(config)
     params = noisy_params(config, seed=2)
     rng = np.random.default_rng(3)
     history = rng.normal(size=(3, F)).astype(np.float32)
@@ -150,7 +152,8 @@ def test_the_gaussian_heads_variance_tracks_the_true_noise_level(tmp_path):
         values[i] = 0.8 * values[i - 1] + sigma * rng.normal(size=2)
     text, run_dir = _train(tmp_path, values, steps=300, lr=1e-2, head="gaussian", layers=1,
                            batch_size=32)
-    config, scaler, params, _ = run.load_for_sampling(run_dir)
+    trained = run.load_for_sampling(run_dir)
+    config, scaler, params = trained.config, trained.scaler, trained.params
     n_train = series.train_rows(1000, 0.2)
     _, sd = forecast.one_step(config, params, scaler.apply(values), np.arange(n_train, 1000))
     predicted = np.median(sd * scaler.std[:2], axis=0)

@@ -32,9 +32,9 @@ import jax, numpy as np
 from transformer_jax import run
 a, b = (run.load_for_sampling(d) for d in sys.argv[1:3])
 diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-           for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])))
-dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(a[2])})
-print(json.dumps({"diff": diff, "steps": [a[3], b[3]], "dtypes": dtypes}))
+           for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(a.params)})
+print(json.dumps({"diff": diff, "steps": [a.step, b.step], "dtypes": dtypes}))
 """
 
 
@@ -80,7 +80,7 @@ def runs(tmp_path_factory) -> dict:
            for i in range(2)]
     one = [train("--data", corpus, "--run-dir", tmp / "one", "--cpu-devices", 4)]
     results = finish(two + one)
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     compare = subprocess.run([sys.executable, "-c", COMPARE, tmp / "two", tmp / "one"], cwd=REPO,
                              env={**env(), "JAX_NUM_CPU_DEVICES": "1"}, capture_output=True,

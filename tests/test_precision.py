@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from transformer_jax import training
+from transformer_jax import parallel, training
 from transformer_jax.config import TrainConfig, TransformerConfig
 from transformer_jax.model import Transformer, init_params
 
@@ -79,7 +79,7 @@ def test_bfloat16_logits_are_float32_and_close_to_the_float32_models():
 def _train(cfg: TransformerConfig, train: TrainConfig, starts_NxB: np.ndarray):
     """Run len(starts_NxB) steps from the same float32 initialisation; (state, losses)."""
     chunk = training.compile_train_chunk(
-        training.data_mesh(), training.lm_loss(Transformer(cfg), PAD), training.optimizer(train),
+        parallel.data_mesh(), training.lm_loss(Transformer(cfg), PAD), training.optimizer(train),
         SEQ + 1)
     state = training.init_state(init_params(cfg, jax.random.PRNGKey(train.seed)), train)
     state, metrics = chunk(state, jnp.asarray(IDS), jnp.asarray(starts_NxB))

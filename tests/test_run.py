@@ -64,8 +64,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_resumed_run_matches(tmp_pa
                                "--run-dir", str(directory)], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-    resumed = run.load_for_sampling(run_dir)[2]
-    straight = run.load_for_sampling(tmp_path / "straight")[2]
+    resumed = run.load_for_sampling(run_dir).params
+    straight = run.load_for_sampling(tmp_path / "straight").params
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_good_checkpoi
 def test_on_nan_skip_finishes_with_finite_parameters(tmp_path):
     text = "To be, or not to be, that is the question. " * 60
     run.train(diverging_config("skip"), text, tmp_path, quiet=True, devices=jax.devices()[:1])
-    params = run.load_for_sampling(tmp_path)[2]
+    params = run.load_for_sampling(tmp_path).params
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 20
 
@@ -126,7 +126,8 @@ def test_same_seed_config_and_data_give_the_same_losses_and_samples(tmp_path):
         run.train(config, text, tmp_path / name, quiet=True, devices=jax.devices()[:1])
         losses = [(r["train_loss"], r.get("val_loss"))
                   for r in map(json.loads, (tmp_path / name / "metrics.jsonl").open())]
-        cfg, tok, params, _ = run.load_for_sampling(tmp_path / name)
+        trained = run.load_for_sampling(tmp_path / name)
+        cfg, tok, params = trained.config, trained.tokenizer, trained.params
         outputs.append((losses, complete(cfg, tok, params, "To be", max_new_tokens=20, seed=3)))
     assert outputs[0] == outputs[1]
 
@@ -164,6 +165,6 @@ def test_an_unreadable_newest_checkpoint_is_an_error_unless_last_good_is_asked(t
     assert (tmp_path / "checkpoints" / f"unreadable-{bad}").is_dir()
     # resumed from the good step 5 and reached 15: same parameters as a straight run to 15
     run.train(longer, text, tmp_path / "straight", **one)
-    for a, b in zip(jax.tree.leaves(run.load_for_sampling(tmp_path)[2]),
-                    jax.tree.leaves(run.load_for_sampling(tmp_path / "straight")[2])):
+    for a, b in zip(jax.tree.leaves(run.load_for_sampling(tmp_path).params),
+                    jax.tree.leaves(run.load_for_sampling(tmp_path / "straight").params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

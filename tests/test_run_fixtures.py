@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from make_run_fixtures import OUT, printed
+
 from transformer_jax import cli
 
 EXPECTED = json.loads((OUT / "expected.json").read_text())

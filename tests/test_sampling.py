@@ -7,14 +7,12 @@ Compiles are the cost here: every distinct (config, max_new_tokens, top_k, num_s
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import forward, random_params, tiny_config
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from transformer_jax.config import Config, TrainConfig
 from transformer_jax.model import Transformer, init_cache
@@ -166,7 +164,8 @@ def test_max_new_tokens_zero_returns_empty(params):
     assert out.shape == (2, 0) and out.dtype == np.int32
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=CFG.vocab_size + 1), dict(top_k=-1), dict(temperature=-0.1),
+@pytest.mark.parametrize("kw", [dict(top_k=CFG.vocab_size + 1), dict(top_k=-1),
+                                dict(temperature=-0.1),
                                 dict(top_p=0.0), dict(top_p=1.5), dict(num_samples=0),
                                 dict(max_new_tokens=-1)])
 def test_generate_rejects_invalid_arguments(params, kw):
@@ -214,7 +213,8 @@ LOGITS = np.random.default_rng(3).normal(size=(64, 20)).astype(np.float32) * 2
 def test_degenerate_settings_are_greedy(kw):
     args = dict(temperature=1.0, top_k=0, top_p=1.0) | kw
     for seed in range(5):
-        got = _sample(jnp.asarray(LOGITS), jax.random.PRNGKey(seed), jnp.float32(args["temperature"]),
+        got = _sample(jnp.asarray(LOGITS), jax.random.PRNGKey(seed),
+                      jnp.float32(args["temperature"]),
                       args["top_k"], jnp.float32(args["top_p"]))
         np.testing.assert_array_equal(np.asarray(got), LOGITS.argmax(-1))
 

@@ -79,7 +79,7 @@ def test_a_constant_training_column_is_refused():
 
 def test_windows_end_at_each_given_row():
     values = np.arange(10.0)[:, None]
-    np.testing.assert_array_equal(series.windows(values, np.array([3, 9]), 3)[..., 0],
+    np.testing.assert_array_equal(series.histories(values, np.array([3, 9]), 3)[..., 0],
                                   [[0, 1, 2, 3], [6, 7, 8, 9]])
 
 

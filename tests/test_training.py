@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from transformer_jax import data, training
+from transformer_jax import data, parallel, training
 from transformer_jax.config import TrainConfig, TransformerConfig
 from transformer_jax.model import Transformer, init_params
 from transformer_jax.tokenizer import CharTokenizer
@@ -259,7 +259,7 @@ def test_tiny_model_overfits_200_characters_below_loss_0_1():
     mcfg = TransformerConfig(vocab_size=tok.vocab_size, d_model=32, layers=1, heads=2,
                              d_ff=64, max_len=96)
     model = Transformer(mcfg)
-    mesh = training.data_mesh(jax.devices()[:1])
+    mesh = parallel.data_mesh(jax.devices()[:1])
     batches = data.train_batches(tok, TEXT_200, tcfg)
     state = training.init_state(init_params(mcfg, jax.random.PRNGKey(0)), tcfg)
     chunk = training.compile_train_chunk(mesh, training.lm_loss(model, tok.pad_id),
@@ -288,7 +288,7 @@ def test_evaluate_equals_lecture_totalavgloss():
     tok = CharTokenizer.from_text(text)
     model, params = tiny_model(tok.vocab_size, max_len=17)
     n_dev = len(jax.devices())
-    mesh = training.data_mesh() if 4 % n_dev == 0 else training.data_mesh(jax.devices()[:1])
+    mesh = parallel.data_mesh() if 4 % n_dev == 0 else parallel.data_mesh(jax.devices()[:1])
     rows = data.stream_rows(tok, text, seq_len=16, streams=1)[0]  # 5 rows, the last short
     rows = data.pad_rows(rows, 4, tok.pad_id).reshape(-1, 4, rows.shape[1])  # (2, 4, 18)
     assert rows.shape[0] == 2 and (rows == tok.pad_id).all(axis=-1).any()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from transformer_jax import cli, run, training, transfer
+from transformer_jax import cli, parallel, run, training, transfer
 from transformer_jax.config import Config, preset
 from transformer_jax.errors import UserError
 from transformer_jax.gpt2 import from_pretrained
@@ -92,7 +92,7 @@ def test_cached_hidden_states_give_the_full_model_loss(pretrained):
     index = np.zeros(pad + 1, np.int32)
     index[tokens] = np.arange(len(tokens))
     model, params = restricted(pretrained, tokens)
-    mesh = training.data_mesh(jax.devices()[:1])
+    mesh = parallel.data_mesh(jax.devices()[:1])
     h = transfer.hidden_states(model.config, params, rows, pad, mesh, batch_size=3)
     targets = rows[:, 1:]
     cached = transfer.head_loss({"head": params["head"]},
@@ -110,7 +110,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, finetune):
     run.train(config(finetune, steps=10), songs(), tmp_path / "resumed", **one)
     run.train(config(finetune), songs(), tmp_path / "resumed", **one)
     run.train(config(finetune), songs(), tmp_path / "straight", **one)
-    a, b = (run.load_for_sampling(tmp_path / name)[2] for name in ("resumed", "straight"))
+    a, b = (run.load_for_sampling(tmp_path / name).params for name in ("resumed", "straight"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
 
@@ -120,8 +120,10 @@ def test_scanned_layers_fine_tune_like_the_unrolled_model(tmp_path, finetune):
     one = dict(quiet=True, devices=jax.devices()[:1])
     run.train(config(finetune, steps=10, scan_layers=True), songs(), tmp_path / "scanned", **one)
     run.train(config(finetune, steps=10), songs(), tmp_path / "unrolled", **one)
-    (cfg, tok, a, _), (cfg0, _, b, _) = (run.load_for_sampling(tmp_path / name)
-                                         for name in ("scanned", "unrolled"))
+    scanned, unrolled = (run.load_for_sampling(tmp_path / name)
+                         for name in ("scanned", "unrolled"))
+    cfg, tok, a, cfg0, b = (scanned.config, scanned.tokenizer, scanned.params, unrolled.config,
+                            unrolled.params)
     assert cfg.model.scan_layers and "blocks" in a["trunk"]
     assert jax.tree.structure(layered(a, False)) == jax.tree.structure(b)
     # Compared as functions, loosely: Adam's first steps move every weight by about lr
@@ -141,7 +143,7 @@ def test_scanned_layers_fine_tune_like_the_unrolled_model(tmp_path, finetune):
 def test_full_fine_tuning_trains_the_trunk_and_lowers_the_loss(tmp_path, pretrained):
     result = run.train(config("full", steps=30), songs(), tmp_path, quiet=True)
     assert result["val_loss"] < val_losses(tmp_path)[0]
-    _, _, params, _ = run.load_for_sampling(tmp_path)
+    params = run.load_for_sampling(tmp_path).params
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                          params["trunk"], pretrained[1]["trunk"])
     assert all(jax.tree.leaves(moved))
@@ -151,7 +153,8 @@ def test_sampling_params_map_the_head_back_onto_the_whole_vocabulary(tmp_path, p
     run.train(config("head", steps=10), songs(), tmp_path, quiet=True)
     meta = json.loads((tmp_path / "checkpoints" / "10" / "meta" / "metadata").read_text())
     tokens = np.asarray(meta["tokens"])
-    cfg, tok, params, _ = run.load_for_sampling(tmp_path)
+    trained = run.load_for_sampling(tmp_path)
+    cfg, tok, params = trained.config, trained.tokenizer, trained.params
     assert cfg.model.outputs == cfg.model.vocab_size == pretrained[0].config.vocab_size
     ids = jnp.asarray([tok.encode(PROMPT)])
     logits = np.asarray(Transformer(cfg.model).apply({"params": params}, ids))
@@ -223,7 +226,7 @@ def test_cli_head_fine_tuning_then_sampling(tmp_path, pretrained):
     meta = json.loads((run_dir / "checkpoints" / "40" / "meta" / "metadata").read_text())
     V, D = len(meta["tokens"]), pretrained[0].config.d_model
     assert f"trained parameters: {D * V + V:,} " in proc.stdout  # the head alone
-    _, _, params, _ = run.load_for_sampling(run_dir)
+    params = run.load_for_sampling(run_dir).params
     for a, b in zip(jax.tree.leaves({k: v for k, v in params.items() if k != "head"}),
                     jax.tree.leaves({k: v for k, v in pretrained[1].items() if k != "head"})):
         np.testing.assert_array_equal(a, b)  # the trunk, bit for bit
