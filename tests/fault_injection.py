@@ -1,4 +1,5 @@
-"""Fault injection for train.py: hard kills at chosen moments, a disk that fills up mid-run.
+"""Fault injection for train.py: hard kills at chosen moments, a disk that fills up mid-run, a
+second trainer started on the same run directory.
 
     python tests/fault_injection.py --write-table docs/faults.md
 
@@ -98,11 +99,23 @@ def final_params(run_dir: Path) -> tuple[int, list]:
 # --- scenarios ------------------------------------------------------------------------------------
 
 
-def kill(proc: subprocess.Popen) -> None:
+def kill(proc: subprocess.Popen, cmd: list[str]) -> None:
     proc.send_signal(signal.SIGKILL)
 
 
-def fill_disk(proc: subprocess.Popen) -> None:
+def second_trainer(proc: subprocess.Popen, cmd: list[str]) -> str:
+    """Start the same command again while `proc` trains: what it printed, as a table cell.
+    `proc` is paused meanwhile (SIGSTOP, then SIGCONT), so that it cannot finish first."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    last = (second.stderr.strip().splitlines() or [""])[-1]
+    return f"exit {second.returncode}: `{_shorten(last)}`"
+
+
+def fill_disk(proc: subprocess.Popen, cmd: list[str]) -> None:
     """From now on every write that takes a file past FULL_DISK_BYTES fails (EFBIG), in the C++
     threads of orbax's array store as in Python: a disk that is full for large files. Python
     ignores SIGXFSZ, so the write fails instead of killing the process."""
@@ -121,7 +134,7 @@ class Scenario:
     fault: str
     when: str
     reached: Callable[[Path], bool]  # polled on the run directory; then `inject` the fault
-    inject: Callable[[subprocess.Popen], None] = kill
+    inject: Callable[[subprocess.Popen, list[str]], str | None] = kill  # -> what it saw
     expected_exit: int = -signal.SIGKILL
     mid_save: bool = False  # the fault must land while orbax writes a step
     args: tuple[str, ...] = ()  # more flags, for both runs
@@ -140,6 +153,9 @@ SCENARIOS = [
              "`--keep 1`", "once the checkpoint of step 10 is complete",
              lambda run_dir: 10 in step_dirs(run_dir), fill_disk, expected_exit=2,
              args=("--keep", "1")),
+    Scenario("second-trainer", "a second `train.py` on the same run directory",
+             "once the checkpoint of step 10 is complete",
+             lambda run_dir: 10 in step_dirs(run_dir), second_trainer, expected_exit=0),
 ]
 
 
@@ -157,6 +173,7 @@ class Outcome:
     unreadable_after_rerun: list[int]
     params_equal: bool  # bit for bit, against the uninterrupted run
     max_abs_diff: float
+    seen: str | None = None  # what the fault itself reported (the second trainer's line)
 
 
 def run_scenario(scenario: Scenario, data: Path, run_dir: Path, reference: tuple[int, list],
@@ -175,7 +192,7 @@ def run_scenario(scenario: Scenario, data: Path, run_dir: Path, reference: tuple
                 raise RuntimeError(f"{scenario.name}: the run ended or stalled before the moment "
                                    f"of its fault ({scenario.when})")
             time.sleep(0.002)
-        scenario.inject(proc)
+        seen = scenario.inject(proc, cmd)
         _, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
@@ -193,7 +210,7 @@ def run_scenario(scenario: Scenario, data: Path, run_dir: Path, reference: tuple
     return Outcome(scenario, proc.returncode, err,
                    [s for s in complete if s not in unreadable], unreadable, temporary,
                    int(resumed.group(1)) if resumed else None, rerun.returncode,
-                   temporary_dirs(run_dir), unreadable_steps(run_dir), equal, diff)
+                   temporary_dirs(run_dir), unreadable_steps(run_dir), equal, diff, seen)
 
 
 def reference_run(data: Path, run_dir: Path) -> tuple[int, list]:
@@ -213,8 +230,11 @@ def table(outcomes: list[Outcome]) -> str:
     rows = ["| fault | injected | first run ended | left behind | rerun | final parameters |",
             "|---|---|---|---|---|---|"]
     for o in outcomes:
-        ended = (f"killed (signal {-o.exit_code})" if o.exit_code < 0 else
+        ended = (f"killed (signal {-o.exit_code})" if o.exit_code < 0 else "exit 0, complete"
+                 if o.exit_code == 0 else
                  f"exit {o.exit_code}: `{_shorten(o.stderr.strip().splitlines()[-1])}`")
+        if o.seen:
+            ended += f"; the second trainer: {o.seen}"
         steps = "step" + "s" * (len(o.complete) > 1)
         left = ", ".join([f"{steps} {', '.join(map(str, o.complete))}" if o.complete
                           else "no complete step"]
@@ -256,7 +276,10 @@ def table(outcomes: list[Outcome]) -> str:
 
 def _shorten(line: str) -> str:
     """An error line with its temporary path shortened to the part that matters."""
-    return re.sub(r"/\S*/(checkpoints/\d+)", r"…/\1", line).split("; free some space")[0]
+    line = re.sub(r"/\S*/(checkpoints/\d+)", r"…/\1", line).split("; free some space")[0]
+    return re.sub(r"run directory /\S*/(\S+) is in use by a training run \(process \d+ on \S+\)",
+                  r"run directory …/\1 is in use by a training run (process N on HOST)",
+                  line).split("; wait for it")[0]
 
 
 def main() -> None:

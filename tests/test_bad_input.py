@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer_jax import cli
+from transformer_jax import cli, parallel
 
 TINY = ["--preset", "fast", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
         "--seq-len", "16", "--max-len", "16", "--batch-size", "4", "--steps", "2",
@@ -27,7 +27,7 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 
 @pytest.fixture(autouse=True)
 def _keep_devices(monkeypatch):
-    monkeypatch.setattr(cli, "use_cpu_devices", lambda n: None)
+    monkeypatch.setattr(parallel, "use_cpu_devices", lambda n: None)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import fault_injection as fi
 import jax
 import pytest
 
-from transformer_jax import cli, run
+from transformer_jax import cli, parallel, run
 from transformer_jax.config import preset
 from transformer_jax.errors import UserError
 
@@ -56,6 +56,10 @@ def test_a_fault_loses_only_the_work_since_the_newest_complete_checkpoint(
     assert o.rerun_exit == 0
     assert o.temporary_after_rerun == [] and o.unreadable_after_rerun == []
     assert o.params_equal, f"final parameters differ by up to {o.max_abs_diff}"
+    if scenario.inject is fi.second_trainer:
+        assert o.seen == ("exit 2: `error: run directory …/run is in use by a training run "
+                          "(process N on HOST)`"), o.seen
+        assert o.complete[-1] == 30  # the first run went on to its end, undisturbed
     if scenario.inject is fi.fill_disk:
         lines = o.stderr.strip().splitlines()
         assert len(lines) == 1, o.stderr
@@ -91,7 +95,7 @@ def _read_only(ckpt_dir: Path, monkeypatch) -> None:
 
 def test_a_read_only_checkpoint_directory_is_one_error_line_and_keeps_the_last_step(
         tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "use_cpu_devices", lambda n: None)  # set once per process
+    monkeypatch.setattr(parallel, "use_cpu_devices", lambda n: None)  # set once per process
     run_dir = tmp_path / "run"
     ckpt_dir = run_dir.absolute() / "checkpoints"
     args = [*TINY, "--data", str(corpus), "--run-dir", str(run_dir)]
