@@ -39,13 +39,18 @@ def test_every_field_with_choices_is_checked_and_offered_by_its_flag():
             Config().replace(**{name: "nope"})
 
 
-@pytest.mark.parametrize("name,value", [("covariates", "c"), ("time_column", "t"),
-                                        ("head", "gaussian"), ("ar_order", 2)])
+@pytest.mark.parametrize("name,value", [("covariates", "c"), ("time_column", "t")])
 def test_a_series_setting_without_columns_is_refused_by_name(name, value):
     assert config_lib.FIELDS[name].metadata["series"]
     with pytest.raises(ValueError, match=f"{name}=.* needs columns"):
         Config().replace(**{name: value})
     assert Config().replace(columns="a", **{name: value}).kind == "series"
+
+
+def test_the_series_fields_are_the_ones_declared_so():
+    series = {n for n, f in config_lib.FIELDS.items() if f.metadata["series"]}
+    assert series == {"covariates", "time_column", "head", "ar_order"}
+    Config().replace(head="gaussian", ar_order=2)  # ignored without columns, as they were
 
 
 def test_only_the_flagless_fields_have_no_flag():

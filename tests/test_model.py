@@ -232,7 +232,7 @@ def test_all_true_valid_mask_equals_no_mask():
     params = random_params(cfg, seed=8)
     ids = _ids(cfg, 2, 9)
     np.testing.assert_allclose(_logits(cfg, params, ids, np.ones((2, 9), bool)),
-                               _logits(cfg, params, ids), atol=1e-6, rtol=0)
+                               _logits(cfg, params, ids), atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +445,8 @@ def test_scanned_layers_give_the_same_logits_and_gradients(norm, remat):
     np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b, a, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(layered(gb, False)), jax.tree.leaves(ga)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)  # float32 rounding
+        # float32 rounding, relative to the scale of the whole gradient of each parameter
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))
 
 
 def test_scanned_layers_decode_with_a_stacked_cache_like_the_full_pass():

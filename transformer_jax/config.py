@@ -25,7 +25,8 @@ def _f(default: Any, help: str, *, fixed: bool = False, choices: tuple[str, ...]
     fixed: it fixes what a checkpoint's parameters or data order mean, so resuming with another
       value is refused; choices: the values it may take; pretrained: a model field that a run
       from a pretrained model may still set (its config.json fixes every other); series: it
-      applies to series runs only; flag: train.py has a flag for it.
+      applies to series runs only (without columns, one that is off by default, None, is
+      refused when set; the others are ignored); flag: train.py has a flag for it.
     """
     return field(default=default, metadata=dict(help=help, fixed=fixed, choices=choices,
                                                 pretrained=pretrained, series=series,
@@ -219,7 +220,7 @@ class TrainConfig:
         if self.kind != "series":
             for f in dataclasses.fields(self):
                 value = getattr(self, f.name)
-                if f.metadata["series"] and value != f.default:
+                if f.metadata["series"] and f.default is None and value is not None:
                     raise ValueError(f"{f.name}={value!r} needs columns (the CSV columns of a "
                                      "series model)")
             if self.kind == "transfer" and self.batching != "random":
