@@ -117,3 +117,27 @@ def test_distributed_flags_go_together(tmp_path):
                            "--run-dir", tmp_path], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --coordinator")
+
+
+def test_a_second_multi_process_run_on_a_directory_in_use_is_refused_in_every_process(
+        tmp_path):
+    from transformer_jax.lock import RunLock
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = RunLock(run_dir).acquire()  # the run already training there
+    try:
+        port = free_port()
+        results = finish([train("--data", corpus, "--run-dir", run_dir, "--cpu-devices", 2,
+                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                                "--process-id", i) for i in range(2)])
+    finally:
+        held.release()
+    (lead, _, lead_err), (other, _, other_err) = results
+    assert lead == other == 2
+    assert f"error: run directory {run_dir} is in use by a training run (process {os.getpid()}" \
+        in lead_err
+    assert f"error: run directory {run_dir} is in use by another training run" in other_err
+    assert not (run_dir / "checkpoints").exists()
