@@ -150,6 +150,8 @@ def _train(argv: list[str] | None) -> None:
 
     parallel.use_cpu_devices(args.cpu_devices or parallel.default_cpu_devices(config))
     parallel.use_compile_cache()
+    import jax
+
     from transformer_jax import corpus, data, run, tasks
 
     kind = tasks.kind_of(config)
@@ -160,8 +162,6 @@ def _train(argv: list[str] | None) -> None:
     path = args.data or corpus.prepare_default_corpus()
     text = data.read_text(path)
     if parallel.is_lead():
-        import jax
-
         print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
               resume_from=args.resume_from)

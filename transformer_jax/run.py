@@ -281,9 +281,7 @@ def _close(stop, bar, ckpt: RunCheckpoints) -> None:
 def check_resumable(saved: dict, wanted: dict, where: str) -> None:
     """Raise UserError naming the first setting (or metadata entry) in which checkpoint
     metadata `saved` differs from `wanted`'s."""
-    flat = lambda meta: {**asdict(Config.from_dict(meta["config"]).model),
-                         **asdict(Config.from_dict(meta["config"]).train)}
-    a, b = flat(saved), flat(wanted)
+    a, b = (_settings(Config.from_dict(meta["config"])) for meta in (saved, wanted))
     for name in FIXED_ON_RESUME:
         if a[name] != b[name]:
             raise UserError(f"{where} was trained with {name}={a[name]!r}, not {b[name]!r}; "
@@ -324,6 +322,11 @@ def _resume(ckpt: RunCheckpoints, meta: dict, abstract, run_dir: Path, resume_fr
                                 "readable step, or --fresh") from None
             say(f"{e}: set aside as {ckpt.set_aside(step)}")
     return None, 0
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    """Every field of `config` by its flat name."""
+    return {**asdict(config.model), **asdict(config.train)}
 
 
 class _StopRequests:
