@@ -213,10 +213,11 @@ def run_scenario(scenario: Scenario, data: Path, run_dir: Path, reference: tuple
                    temporary_dirs(run_dir), unreadable_steps(run_dir), equal, diff, seen)
 
 
-def reference_run(data: Path, run_dir: Path) -> tuple[int, list]:
-    """`final_params` of the scenarios' command run once without faults."""
-    proc = subprocess.run(command(data, run_dir), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+def reference_run(data: Path, run_dir: Path, *args: str) -> tuple[int, list]:
+    """`final_params` of the scenarios' command (with more flags `args`) run once without
+    faults."""
+    proc = subprocess.run(command(data, run_dir, *args), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     if proc.returncode:
         raise RuntimeError(f"the uninterrupted run failed:\n{proc.stderr}")
     return final_params(run_dir)

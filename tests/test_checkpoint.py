@@ -167,6 +167,57 @@ def test_keep_k_keeps_only_the_last_k_steps(tmp_path):
     reader.close()
 
 
+def test_keep_best_keeps_the_newest_best_besides_the_last_k_across_restarts(tmp_path):
+    """At most one best is kept, the newest step saved as one, however many steps follow; a new
+    manager (a resumed run) still knows which it is, from the metrics orbax wrote with it."""
+    state, _ = _trained_state()
+
+    def save(ckpt, step, best_loss=None):
+        ckpt.save(step, state, {"data_position": step}, best_loss=best_loss)
+        ckpt.wait()
+
+    ckpt = RunCheckpoints(tmp_path, keep=2, keep_best=True)
+    for step, loss in ((10, 3.0), (20, None), (30, 2.5), (40, None), (50, None), (60, None)):
+        save(ckpt, step, loss)
+    ckpt.close()
+    assert _step_dirs(tmp_path) == [30, 50, 60]
+    ckpt = RunCheckpoints(tmp_path, keep=2, keep_best=True)
+    for step in (70, 80):
+        save(ckpt, step)
+    assert _step_dirs(tmp_path) == [30, 70, 80]
+    save(ckpt, 90, 2.6)  # the caller's rule (--min-delta, a restarted count) decides a best
+    save(ckpt, 100)
+    ckpt.close()
+    assert _step_dirs(tmp_path) == [90, 100]
+    without = RunCheckpoints(tmp_path, keep=2)  # resumed without --keep-best: only the last k
+    save(without, 110)
+    without.close()
+    assert _step_dirs(tmp_path) == [100, 110]
+
+
+def test_step_best_of_a_run_without_a_kept_best_names_keep_best(full_run, tmp_path, capsys):
+    from transformer_jax import cli
+
+    run_dir = full_run[0]
+    with pytest.raises(UserError) as e:
+        run.load_for_sampling(run_dir, "best")
+    assert str(e.value) == (f"run directory {run_dir} has no kept best checkpoint; train it "
+                            "with --keep-best (steps: 15, 20)")
+    with pytest.raises(SystemExit) as stop:
+        cli.sample_main(["--run-dir", str(run_dir), "--step", "best"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {e.value}\n"
+    # --early-stop without --keep-best records a best, which --keep may have removed
+    state, _ = _trained_state()
+    ckpt = RunCheckpoints(tmp_path, keep=1)
+    for step in (5, 10):
+        ckpt.save(step, state, {"best": {"step": 5, "val_loss": 2.0, "stale": step // 5 - 1}})
+    ckpt.close()
+    with pytest.raises(UserError, match=r"no kept best checkpoint \(its best, step 5, was not "
+                       r"kept\); train it with --keep-best \(steps: 10\)$"):
+        run.load_for_sampling(tmp_path, "best")
+
+
 def test_load_for_sampling_returns_what_was_saved(tmp_path):
     state, mcfg = _trained_state()
     tok = CharTokenizer.from_text(TEXT)

@@ -289,8 +289,10 @@ def test_train_help_lists_every_flag():
                                       "--seed", "--num-samples"}),
     ("forecast.py", cli.forecast_parser, {"--run-dir", "--step", "--data", "--horizon",
                                           "--origin", "--samples", "--interval", "--seed"}),
+    ("evaluate.py", cli.evaluate_parser, {"--run-dir", "--model", "--step", "--data",
+                                          "--context", "--stride", "--json", "--html"}),
 ])
-def test_sample_and_forecast_help_list_every_flag(script, parser, flags):
+def test_sample_forecast_and_evaluate_help_list_every_flag(script, parser, flags):
     proc = run_script(script, "--help")
     assert proc.returncode == 0 and not proc.stderr
     missing = sorted(flag for flag in flags | option_strings(parser()) if flag not in proc.stdout)

@@ -119,3 +119,37 @@ def test_a_flag_number_no_setting_takes_is_refused_by_name(flag, value):
     args = cli.train_parser().parse_args([f"{flag}={value}"])
     with pytest.raises(UserError, match=f"^{flag}: .*{flag[2:].replace('-', '_')}="):
         cli.resolve_config(args)
+
+
+# --- --keep-best, --early-stop, --min-delta, --tensorboard ---------------------------------------
+
+
+def test_the_best_and_tensorboard_settings_are_flags_that_a_resume_may_change():
+    fixed = set(config_lib.FIXED_ON_RESUME)
+    names = {"keep_best", "early_stop", "min_delta", "tensorboard"}
+    assert not names & fixed
+    args = cli.train_parser().parse_args(["--keep-best", "--early-stop", "3", "--min-delta",
+                                          "0.01", "--tensorboard"])
+    tcfg = cli.resolve_config(args).train
+    assert (tcfg.keep_best, tcfg.early_stop, tcfg.min_delta, tcfg.tensorboard) == (
+        True, 3, 0.01, True)
+    assert tcfg.tracks_best and TrainConfig(early_stop=1).tracks_best
+    assert not TrainConfig().tracks_best
+    assert not TrainConfig(min_delta=0.5).tracks_best  # min_delta alone changes nothing
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--early-stop", "-1", "early_stop=-1 must not be negative"),
+    ("--min-delta", "-0.1", "min_delta=-0.1 must not be negative")])
+def test_a_negative_early_stop_or_min_delta_is_refused_by_its_flag(flag, value, message):
+    args = cli.train_parser().parse_args([flag, value])
+    with pytest.raises(UserError) as e:
+        cli.resolve_config(args)
+    assert str(e.value) == f"{flag}: {message}"
+
+
+def test_a_negative_early_stop_is_one_error_line_from_train_py():
+    out = subprocess.run([sys.executable, "train.py", "--early-stop", "-1", "--steps", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["error: --early-stop: early_stop=-1 must not be negative"]

@@ -69,6 +69,44 @@ def test_a_fault_loses_only_the_work_since_the_newest_complete_checkpoint(
         assert o.complete == [newest]  # --keep 1: the failed save removed nothing
 
 
+# --- a kill during a run that stops early -------------------------------------------------------
+
+# Validated on a sentence it never trains on: the validation loss falls, then rises, and
+# --early-stop 3 ends the 100 steps early (at step 50, best 35, for this seed).
+OVERFIT = ("To be, or not to be, that is the question. " * 54
+           + "Whether tis nobler in the mind to suffer. " * 6)
+EARLY = fi.Scenario("kill-early-stop", "SIGKILL", "just after the checkpoint of step 40, a "
+                    "stale evaluation after the best", lambda run_dir: 40 in fi.step_dirs(run_dir),
+                    args=("--steps", "100", "--keep-best", "--early-stop", "3", "--keep", "1"))
+
+
+def _best(run_dir: Path) -> tuple[int, dict]:
+    """(newest step, its metadata's best)."""
+    from transformer_jax.checkpoint import RunCheckpoints
+
+    ckpt = RunCheckpoints(run_dir, read_only=True)
+    try:
+        return ckpt.latest_step(), ckpt.meta(ckpt.latest_step())["best"]
+    finally:
+        ckpt.close()
+
+
+def test_a_killed_run_resumes_its_early_stop_count_and_stops_where_an_uninterrupted_one_did(
+        tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text(OVERFIT, encoding="utf-8")
+    reference = fi.reference_run(data, tmp_path / "uninterrupted", *EARLY.args)
+    stop, best = _best(tmp_path / "uninterrupted")
+    assert best["step"] < 40 < stop < 100 and best["stale"] == 3, (stop, best)
+    o = fi.run_scenario(EARLY, data, tmp_path / "run", reference)
+    assert o.exit_code == -9 and o.resumed_from == max(o.complete) >= 40, o
+    assert best["step"] in o.complete  # the best outlived the pruning of later steps
+    assert o.rerun_exit == 0 and o.params_equal, o.max_abs_diff
+    assert _best(tmp_path / "run") == (stop, best)
+    assert fi.step_dirs(tmp_path / "run") == fi.step_dirs(tmp_path / "uninterrupted") == [
+        best["step"], stop]
+
+
 # --- a read-only checkpoint directory, in this process -------------------------------------------
 
 TINY = ["--preset", "fast", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",

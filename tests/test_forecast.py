@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -137,12 +138,15 @@ def test_the_model_learns_a_noiseless_ar2_to_near_zero_error(tmp_path):
     values = np.column_stack([np.sin(0.3 * t), np.cos(0.7 * t + 1.0)])
     text, run_dir = _train(tmp_path, values, steps=400, lr=1e-2, d_model=32, heads=4, d_ff=64,
                            max_len=16, seq_len=16, positions="sinusoidal", ar_order=2)
-    rmse = forecast.validate(run_dir, text)["rmse"]
+    report = forecast.validate(run.load_for_sampling(run_dir), text)
+    rmse = report["rmse"]
     for name in "ab":
         assert rmse["model"][name] < 0.06, rmse  # explains more than 99% of the variance
         assert rmse["model"][name] < 0.3 * rmse["random walk"][name], rmse
         assert rmse["AR(2)"][name] < 1e-6, rmse  # the baseline's own check: AR(2) is exact
-    assert (run_dir / "validation.json").is_file()
+    assert report["mae"]["model"]["a"] <= rmse["model"]["a"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert report["loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-5)
 
 
 def test_the_gaussian_heads_variance_tracks_the_true_noise_level(tmp_path):

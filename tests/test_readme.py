@@ -24,15 +24,15 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_commands_use_only_flags_the_programs_have():
-    """Every --flag after train.py, sample.py or forecast.py (or their installed commands) in
-    the README's shell examples is one of that program's options."""
+    """Every --flag after train.py, sample.py, forecast.py or evaluate.py (or their installed
+    commands) in the README's shell examples is one of that program's options."""
     parsers = {"train": cli.train_parser(), "sample": cli.sample_parser(),
-               "forecast": cli.forecast_parser()}
+               "forecast": cli.forecast_parser(), "evaluate": cli.evaluate_parser()}
     options = {name: option_strings(p) for name, p in parsers.items()}
     commands = 0
     for block in re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            found = re.search(r"(?:^|[\s/])(?:transformer-jax-)?(train|sample|forecast)"
+            found = re.search(r"(?:^|[\s/])(?:transformer-jax-)?(train|sample|forecast|evaluate)"
                               r"(?:\.py)?\s(.*)", line.split("#")[0])
             if found:
                 commands += 1

@@ -1,4 +1,4 @@
-"""Training runs that stop early on purpose: signals and non-finite losses."""
+"""Training runs that stop early on purpose: signals, non-finite losses, --early-stop."""
 
 import json
 import signal
@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from transformer_jax import run, training
+from transformer_jax.checkpoint import RunCheckpoints
 from transformer_jax.config import Config
 from transformer_jax.errors import RunStopped
 
@@ -168,3 +169,84 @@ def test_an_unreadable_newest_checkpoint_is_an_error_unless_last_good_is_asked(t
     for a, b in zip(jax.tree.leaves(run.load_for_sampling(tmp_path).params),
                     jax.tree.leaves(run.load_for_sampling(tmp_path / "straight").params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# --- --early-stop and --keep-best ----------------------------------------------------------------
+
+# Trained on one sentence, validated on another: the validation loss falls, then rises as the
+# model learns its sentence by heart, so that --early-stop 3 ends the run (at step 25, best 10).
+OVERFIT = ("To be, or not to be, that is the question. " * 54
+           + "Whether tis nobler in the mind to suffer. " * 6)
+EARLY = Config().replace(d_model=16, layers=1, heads=2, d_ff=32, seq_len=16, max_len=16,
+                         batch_size=4, steps=60, steps_per_call=5, eval_every=5, save_every=20,
+                         keep=1, dropout=0.1, lr=1e-2, seed=1, keep_best=True, early_stop=3)
+
+
+def _val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").open())
+            if "val_loss" in r]
+
+
+def _where_it_should_stop(losses: list[tuple[int, float]], patience: int) -> tuple[int, int]:
+    """(stop step, best step) by the rule itself, from the evaluations of metrics.jsonl."""
+    best_step, best_loss, stale = None, float("inf"), 0
+    for step, loss in losses:
+        best_step, best_loss, stale = ((step, loss, 0) if loss < best_loss
+                                       else (best_step, best_loss, stale + 1))
+        if stale == patience:
+            return step, best_step
+    raise AssertionError(f"no early stop in {losses}")
+
+
+@pytest.fixture(scope="module")
+def early_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """EARLY trained without interruption: its directory, result and printed lines."""
+    import contextlib
+    import io
+
+    run_dir = tmp_path_factory.mktemp("early") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run.train(EARLY, OVERFIT, run_dir, devices=jax.devices()[:1])
+    return run_dir, result, printed.getvalue()
+
+
+def test_early_stop_ends_the_run_after_n_stale_evaluations_keeping_the_best(early_run):
+    run_dir, result, printed = early_run
+    stop, best = _where_it_should_stop(_val_losses(run_dir), patience=3)
+    assert 0 < best < stop < EARLY.train.steps
+    assert result["step"] == stop and result["stopped_early"] is True
+    assert result["best_step"] == best and result["best_loss"] == dict(_val_losses(run_dir))[best]
+    assert (f"early stop at step {stop}: no improvement of at least 0.0 in 3 evaluations; best: "
+            f"step {best}, val loss {result['best_loss']:.4f} (sample it with --step best)"
+            ) in printed
+    # The stop step is saved; the best outlives the later save_every step that --keep 1 pruned.
+    ckpt = RunCheckpoints(run_dir, read_only=True)
+    assert ckpt.steps() == [stop, best]
+    assert ckpt.meta(stop)["best"] == {"step": best, "val_loss": result["best_loss"], "stale": 3}
+    ckpt.close()
+    trained = run.load_for_sampling(run_dir, "best")
+    assert trained.step == best and trained.config.train.steps == EARLY.train.steps
+
+
+def test_an_interrupted_run_stops_at_the_same_step_with_the_same_best(early_run, tmp_path,
+                                                                       capsys):
+    """Stopped after the first stale evaluation, resumed: the count goes on from the
+    checkpoint's metadata, so the run ends where the uninterrupted one did, with its best."""
+    full_dir, full, _ = early_run
+    run_dir = tmp_path / "run"
+    one = dict(quiet=True, devices=jax.devices()[:1])
+    first = run.train(EARLY.replace(steps=full["best_step"] + 5), OVERFIT, run_dir, **one)
+    assert first["stopped_early"] is False and first["best_step"] == full["best_step"]
+    resumed = run.train(EARLY, OVERFIT, run_dir, **one)
+    assert {k: resumed[k] for k in ("step", "best_step", "best_loss", "stopped_early")} == {
+        k: full[k] for k in ("step", "best_step", "best_loss", "stopped_early")}
+    assert _val_losses(run_dir) == _val_losses(full_dir)
+    for a, b in zip(jax.tree.leaves(run.load_for_sampling(run_dir, "best").params),
+                    jax.tree.leaves(run.load_for_sampling(full_dir, "best").params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    capsys.readouterr()
+    again = run.train(EARLY, OVERFIT, run_dir, devices=jax.devices()[:1])
+    assert f"stopped early at step {full['step']}" in capsys.readouterr().out
+    assert again == {"step": full["step"], "best_step": full["best_step"],
+                     "best_loss": full["best_loss"], "stopped_early": True}

@@ -2,11 +2,19 @@
 
     RUN_DIR/checkpoints/<step>/state/   params, optimizer state, step, rng (orbax, async, atomic)
     RUN_DIR/checkpoints/<step>/meta/    config, data position, tokenizer or scaler... (JSON)
+    RUN_DIR/checkpoints/<step>/metrics/ {"step", "val_loss"}: only in a kept best (--keep-best)
 
 Each step directory is self-contained: its metadata alone rebuilds the model and tokenizer that
 sampling needs. Orbax writes a step under a temporary name and renames it when complete, so a
 killed save never leaves a half-written step visible; a failed write (permission denied, disk
 full) is a UserError naming the step's path, and never removes an older step.
+
+With `keep_best`, the newest step saved as a best (`save(..., best_loss=)`) is kept besides the
+last `keep`, by orbax's own preservation policies: LatestN(keep), or BestN(n=1) over the steps
+saved with metrics, ranked by step. The caller decides what a best is (`metrics.Best`, with its
+--min-delta), so every step saved as one is better than the earlier ones; ranking them by step
+rather than by loss keeps the step the metadata names as the best even when the count started
+over (a run resumed once without --keep-best, whose older best may have had a lower loss).
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ class UnreadableCheckpoint(UserError):
 class RunCheckpoints:
     """The checkpoints of one run directory (wraps an orbax CheckpointManager)."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, *, read_only: bool = False):
+    def __init__(self, run_dir: str | Path, keep: int = 3, *, keep_best: bool = False,
+                 read_only: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"  # orbax needs absolute paths
         self._last_saved: int | None = None  # the step whose background write may still fail
         _quiet_orbax()
@@ -61,8 +70,10 @@ class RunCheckpoints:
             check_own(run_dir)
         # Creating the step directory in save() itself makes an unwritable directory fail
         # there; created in the background, it left orbax's threads waiting minutes at exit.
+        # best_fn makes orbax write each step's metrics, which BestN reads back after a restart.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            preservation_policy=_preservation(keep, keep_best),
+            best_fn=_saved_at if keep_best else None,  # orbax's best_mode "max": newest
             create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         for attempt in range(_LISTING_TRIES):
@@ -89,9 +100,10 @@ class RunCheckpoints:
         return target
 
     def meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of `step`: "format", "config" and "data_position", and what its
+        """The JSON metadata of `step`: "format", "config" and "data_position", what its
         kind of run needs besides (see `tasks`): "tokenizer" (a character model), "base" and
-        "tokens" (GPT-2 transfer), "series" (a series model's standardisation)."""
+        "tokens" (GPT-2 transfer), "series" (a series model's standardisation), and "best"
+        when the run follows its best validation loss (see `metrics.Best`)."""
         meta = self._restore(step, "meta", ocp.args.JsonRestore(), lambda e: (
             f"checkpoint step {step} in {self.dir}: metadata unreadable ({type(e).__name__})"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -128,16 +140,21 @@ class RunCheckpoints:
             _ignore_abandoned_coroutines()
             raise UnreadableCheckpoint(describe(e), step=step) from None
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start writing `step` in the background; `wait()` until it is complete.
+    def save(self, step: int, state: Any, meta: dict[str, Any], *,
+             best_loss: float | None = None) -> None:
+        """Start writing `step` in the background; `wait()` until it is complete. With
+        `best_loss`, its validation loss, the step is the run's best so far: with `keep_best`
+        it is kept until a newer best is saved, however many steps follow.
 
         Raises UserError if this step, or the previous one, cannot be written.
         """
         self.wait()
+        metrics = None if best_loss is None else {"step": step, "val_loss": best_loss}
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"format": FORMAT, **meta})), force=True)
+                meta=ocp.args.JsonSave({"format": FORMAT, **meta})), metrics=metrics,
+                force=True)
         except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
             raise self._write_error(step, e) from None
         self._last_saved = step
@@ -160,6 +177,20 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _preservation(keep: int, keep_best: bool):
+    """The last `keep` steps, and with `keep_best` the newest step saved with metrics."""
+    latest = ocp.checkpoint_managers.LatestN(keep)
+    if not keep_best:
+        return latest
+    return ocp.checkpoint_managers.AnyPreservationPolicy([latest, ocp.checkpoint_managers.BestN(
+        get_metric_fn=_saved_at, n=1, keep_checkpoints_without_metrics=False)])
+
+
+def _saved_at(metrics: dict[str, Any]) -> int:
+    """What ranks the steps saved as a best: the newest is the best (see the module's notes)."""
+    return metrics["step"]
 
 
 def _quiet_orbax() -> None:

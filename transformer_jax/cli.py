@@ -41,6 +41,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _step(text: str) -> int | str:
+    """A --step: a checkpoint's step number, or `best` (the kept best of `train.py --keep-best`)."""
+    if text == "best":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a step number or best, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a step number or best, got {text}")
+    return value
+
+
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`d_model` -> `--d-model`); unset flags are absent."""
     sections = (("model", config_lib.MODEL_FIELDS), ("training", config_lib.TRAIN_FIELDS))
@@ -164,21 +177,23 @@ def _train(argv: list[str] | None) -> None:
     if parallel.is_lead():
         print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
-              resume_from=args.resume_from)
+              resume_from=args.resume_from, corpus=path)
     if parallel.is_lead():
         _after_training(kind, config, args.run_dir, text, path)
 
 
 def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, path: str) -> None:
     """The loss curve, and how to use the model: for a series model, its validation table."""
-    from transformer_jax import forecast, plot
+    from transformer_jax import forecast, plot, run
 
     try:
         print(f"loss curve: {plot.plot_run(run_dir, kind.loss_label(config))}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
     if kind.reader == "forecast":
-        print(forecast.validation_table(forecast.validate(run_dir, text)))
+        report = forecast.validate(run.load_for_sampling(run_dir), text)
+        (Path(run_dir) / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(forecast.validation_table(report))
         print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(run_dir)} "
               f"--data {shlex.quote(str(path))} --horizon 8")
     else:
@@ -186,13 +201,13 @@ def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, pa
               "--prompt \"...\"")
 
 
-def _load(run_dir: str, step: int | None, program: str):
-    """The trained model of `run_dir` for `program` (sample or forecast), which must be the
-    program that reads its kind of run."""
+def _load(run_dir: str, step: int | str | None, program: str):
+    """The trained model of `run_dir` for `program` (sample or forecast, which must be the
+    program that reads its kind of run, or evaluate, which reads every kind)."""
     from transformer_jax import run
 
     trained = run.load_for_sampling(run_dir, step)
-    if trained.kind.reader == program:
+    if program == "evaluate" or trained.kind.reader == program:
         return trained
     if program == "sample":
         raise UserError(f"run directory {run_dir} holds a series model; forecast with "
@@ -218,8 +233,9 @@ def sample_parser() -> argparse.ArgumentParser:
         prog="sample.py", formatter_class=_Help,
         description="Print text sampled from a trained run: the prompt, then its continuation.")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
-    p.add_argument("--step", type=int, help="its checkpoint of this step (default: the newest; "
-                   "train.py keeps the last --keep)")
+    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (the lowest "
+                   "validation loss, kept by train.py --keep-best); default: the newest "
+                   "(train.py keeps the last --keep)")
     p.add_argument("--model", help="sample from this pretrained GPT-2 as it is instead of a run: "
                    "a Hugging Face hub name (gpt2, ...) or a local directory in its layout")
     prompt = p.add_mutually_exclusive_group()
@@ -286,7 +302,8 @@ def forecast_parser() -> argparse.ArgumentParser:
         "RUN_DIR/forecast.png.")
     p.add_argument("--run-dir", default="runs/default",
                    help="run directory written by train.py --columns")
-    p.add_argument("--step", type=int, help="its checkpoint of this step (default: the newest)")
+    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (kept by "
+                   "train.py --keep-best); default: the newest")
     p.add_argument("--data", required=True, help="CSV file with the run's columns: the history "
                    "(and the known covariates of the forecast times)")
     p.add_argument("--horizon", type=_positive_int, default=8, help="times to forecast")
@@ -322,6 +339,106 @@ def _forecast(argv: list[str] | None) -> None:
         print(f"no picture: {e}")
 
 
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="evaluate.py", formatter_class=_Help,
+        description="Judge trained runs (and pretrained GPT-2) on a text: every token predicted "
+        "once, the loss in nats per token, perplexity, and bits per token, character and UTF-8 "
+        "byte (which compare models with different tokenizers); for a series run, its one-step "
+        "errors beside the random walk and AR baselines. Several models print one table.")
+    p.add_argument("--run-dir", action="append", metavar="RUN_DIR",
+                   help="run directory written by train.py; repeat to compare runs (default: "
+                   "runs/default unless --model is given)")
+    p.add_argument("--model", action="append", metavar="NAME_OR_DIR",
+                   help="also judge this pretrained GPT-2 as it is: a Hugging Face hub name "
+                   "(gpt2, ...) or a local directory in its layout; repeatable")
+    p.add_argument("--step", type=_step, help="the runs' checkpoint of this step, or best "
+                   "(train.py --keep-best); default: the newest")
+    p.add_argument("--data", help="UTF-8 text file or directory of .txt files to judge on (a CSV "
+                   "file for series runs); default: each run's own validation split (for a "
+                   "--model, the first run's)")
+    p.add_argument("--context", type=_positive_int, help="tokens of context per window "
+                   "(default: the run's --seq-len; a pretrained model's whole context)")
+    p.add_argument("--stride", type=_positive_int, help="overlapping windows: each window "
+                   "starts this many tokens after the one before and scores only its last "
+                   "STRIDE tokens, which then see at least context - stride + 1 tokens before "
+                   "them (default: the context, non-overlapping windows as training's "
+                   "validation)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="windows per compiled call (default: the run's --batch-size)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per model instead of a table")
+    p.add_argument("--html", metavar="OUT.html", help="write a page of the text with each token "
+                   "shaded by its surprisal (one model only)")
+    p.add_argument("--html-tokens", type=_positive_int, default=20000,
+                   help="tokens shown on the --html page: the text's first ones")
+    p.add_argument("--cpu-devices", type=_positive_int, default=None,
+                   help="on CPU, XLA host devices to split each batch across (default: one per "
+                   "core); ignored on GPU/TPU")
+    return p
+
+
+def _evaluate(argv: list[str] | None) -> None:
+    args = evaluate_parser().parse_args(argv)
+    models = [("run", r) for r in args.run_dir or []] + [("model", m) for m in args.model or []]
+    models = models or [("run", "runs/default")]
+    if args.html and len(models) > 1:
+        raise UserError("--html draws the page of one model; give one --run-dir or --model")
+    if args.model and args.step is not None and not args.run_dir:
+        raise UserError("--step picks a checkpoint of --run-dir; a --model has none")
+    if args.model and not (args.data or args.run_dir):
+        raise UserError("give --data FILE: a --model has no validation split of its own")
+    from transformer_jax import parallel
+
+    parallel.use_cpu_devices(args.cpu_devices or parallel.cpu_cores())
+    parallel.use_compile_cache()
+    from transformer_jax import evaluate
+
+    mesh, reports = parallel.data_mesh(), []
+    text = evaluate.file_text(args.data) if args.data else None
+    for what, name in models:
+        if what == "run":
+            trained = _load(name, args.step, "evaluate")
+        else:
+            trained = evaluate.pretrained(name)
+        report, scores = evaluate.judge(
+            trained, name, text, mesh=mesh, context=args.context, stride=args.stride,
+            batch_size=args.batch_size, page_tokens=args.html_tokens if args.html else 0,
+            quiet=args.json)
+        if text is None and what == "run" and trained.kind.reader == "sample":
+            text = evaluate.validation_split(trained, name)  # the --model's text too
+        reports.append(report)
+        if report.get("unknown_chars"):
+            _warn(f"{name}: the characters {', '.join(map(repr, report['unknown_chars']))} are "
+                  "not in its vocabulary; each was read and scored as the unknown symbol")
+        if report.get("skipped_tokens"):
+            _warn(f"{name}: {report['skipped_tokens']:,} tokens lie outside its prediction "
+                  "layer (the tokens of its training corpus) and were not scored")
+        if args.json:
+            print(json.dumps(report), flush=True)
+        if scores is not None:
+            _write_page(scores, report, args.html)
+    if not args.json:
+        print(evaluate.report_table(reports))
+
+
+def _write_page(scores, report: dict, path: str) -> None:
+    from transformer_jax import surprisal
+
+    shown = len(scores.pieces)
+    summary = (f"{report['model']} (step {report['step']}) on {report['data']}: "
+               f"{report['bits_per_token']:.3f} bits per {report['unit']}, "
+               f"{report['bits_per_char']:.3f} per character, {report['bits_per_byte']:.3f} per "
+               f"byte over {report['tokens']:,} {report['unit']}s; the page shows the first "
+               f"{shown:,}")
+    try:
+        out = surprisal.write_page(scores, path, title=f"Surprisal: {report['model']}",
+                                   summary=summary)
+    except OSError as e:
+        raise UserError(f"--html {path}: cannot write it ({e.strerror})") from None
+    print(f"surprisal page: {out}", file=sys.stderr)
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -353,3 +470,8 @@ def sample_main(argv: list[str] | None = None) -> None:
 def forecast_main(argv: list[str] | None = None) -> None:
     """Entry point of `forecast.py` / `transformer-jax-forecast`."""
     _main(_forecast, argv)
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """Entry point of `evaluate.py` / `transformer-jax-evaluate`."""
+    _main(_evaluate, argv)

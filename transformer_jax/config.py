@@ -131,11 +131,23 @@ class TrainConfig:
     decay_steps: int = _f(0, "cosine decay to min_lr ends at this step; 0 keeps lr constant")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
     eval_every: int = _f(250, "evaluate on the validation split every N steps")
-    eval_batches: int = _f(0, "batches per evaluation during training; 0 = whole split")
+    eval_batches: int = _f(0, "batches per evaluation during training; 0 = whole split (always "
+                           "with --keep-best or --early-stop)")
     target_loss: float | None = _f(None, "stop early once the whole validation split's loss "
                                    "is at most this (checked when an evaluation reaches it)")
     save_every: int = _f(1000, "write a checkpoint every N steps (and always at the end)")
     keep: int = _f(3, "checkpoints to keep")
+    keep_best: bool = _f(False, "keep the checkpoint of the lowest validation loss in addition to "
+                         "the last --keep (sample.py --step best); every evaluation then uses "
+                         "the whole validation split, so that their losses compare")
+    early_stop: int = _f(0, "end the run after N evaluations without an improvement of at least "
+                         "--min-delta; 0: never; every evaluation then uses the whole validation "
+                         "split, so that their losses compare")
+    min_delta: float = _f(0.0, "with --keep-best or --early-stop: how far below the best "
+                          "validation loss so far a loss must be to count as an improvement")
+    tensorboard: bool = _f(False, "also write the scalars of metrics.jsonl as TensorBoard event "
+                           "files in RUN_DIR/tensorboard (needs the tensorboard extra: pip "
+                           "install 'transformer-jax[tensorboard]')")
     steps_per_call: int = _f(50, "optimiser steps per compiled call (lax.scan)")
     micro_batches: int = _f(1, "split each batch into this many sequential forward/backward "
                             "passes (gradient accumulation): same result, less memory")
@@ -196,7 +208,7 @@ class TrainConfig:
             raise ValueError(f"epochs={self.epochs} applies to stream batching only "
                              f"(batching={self.batching!r}); use steps")
         for name in ("warmup_steps", "decay_steps", "eval_batches", "min_lr", "weight_decay",
-                     "grad_clip", "seed"):
+                     "grad_clip", "seed", "early_stop", "min_delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
         for name in ("beta1", "beta2"):
@@ -234,6 +246,12 @@ class TrainConfig:
         if self.init != "scratch" or self.batching != "random" or self.split_docs is not None:
             raise ValueError(f"columns={self.columns!r} (a series model) needs init 'scratch', "
                              "batching 'random' and no split_docs")
+
+    @property
+    def tracks_best(self) -> bool:
+        """Whether the run follows its best validation loss (--keep-best, --early-stop): then
+        every evaluation is on the whole validation split, so that any two compare."""
+        return self.keep_best or self.early_stop > 0
 
     @property
     def tokens_per_sequence(self) -> int:

@@ -10,6 +10,8 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,26 +28,49 @@ from transformer_jax.tokenizer import CharTokenizer
 
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file, or a directory's *.txt files in name order joined by blank lines."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"corpus {path} does not exist; give a UTF-8 text file with --data")
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"corpus directory {path} holds no .txt files")
-    texts = []
-    for file in files:
-        raw = file.read_bytes()
-        if b"\0" in raw:
-            raise UserError(f"corpus {file} is binary (it holds NUL bytes); give a text file")
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"corpus {file} is not UTF-8 (byte {e.start}); "
-                            "convert it, e.g. iconv -t UTF-8") from None
-    text = "\n\n".join(texts)
+    text = "".join(iter_text(path))
     if not text or text.isspace():  # (strip() would copy a large corpus once more)
         raise UserError(f"corpus {path} is empty; give a file with some text")
     return text
+
+
+def iter_text(path: str | Path, chunk_bytes: int = 1 << 22, *, what: str = "corpus"):
+    """The text of `read_text(path)` as consecutive pieces of about `chunk_bytes` bytes, read
+    one at a time (memory bounded by the piece, not by the file); `what` names the file in
+    errors (corpus, --data)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist; give a UTF-8 text file with --data")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{what} directory {path} holds no .txt files")
+    for i, file in enumerate(files):
+        if i:
+            yield "\n\n"
+        decoder, done = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(chunk_bytes), b""):
+                if b"\0" in block:
+                    raise UserError(f"{what} {file} is binary (it holds NUL bytes); give a text "
+                                    "file")
+                try:
+                    yield decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{what} {file} is not UTF-8 (byte {done + e.start}); "
+                                    "convert it, e.g. iconv -t UTF-8") from None
+                done += len(block)
+        try:
+            yield decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{what} {file} is not UTF-8 (it ends inside a character); "
+                            "convert it, e.g. iconv -t UTF-8") from None
+
+
+def corpus_record(path: str | Path, text: str) -> dict:
+    """What a run records of its corpus: the absolute path it was read from, and the sha256
+    and length of its text (a changed file then no longer passes for the same split)."""
+    return {"path": str(Path(path).absolute()), "chars": len(text),
+            "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

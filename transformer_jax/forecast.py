@@ -8,21 +8,20 @@ H horizon.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax import series, tasks
+from transformer_jax import data, parallel, series, training
 from transformer_jax.config import Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import SeriesTransformer, series_inputs
 from transformer_jax.sampling import autoregress
 from transformer_jax.series import Scaler, Series
-from transformer_jax.tasks.series import read, shape
+from transformer_jax.tasks import Trained
+from transformer_jax.tasks.series import read, shape, validation_rows
 
 _Z95 = 1.6449  # the standard normal's 95% quantile: mean +- _Z95 sd is the central 90%
 
@@ -42,43 +41,58 @@ def one_step(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray, chunk:
     return out[:, :k], np.exp(0.5 * out[:, k:])
 
 
-def validate(run_dir: str | Path, text: str) -> dict:
-    """One-step-ahead RMSE over the validation part of CSV `text` in the data's units, of the
-    newest checkpoint of `run_dir`, the random walk and the least-squares AR(p) fitted on the
-    training part (and, for a Gaussian head, how often the central 90% interval holds the
-    value). Written to RUN_DIR/validation.json and returned."""
-    trained = tasks.load(run_dir)
+def validate(trained: Trained, text: str, *, where: str = "the CSV data") -> dict:
+    """The one-step-ahead errors over the validation part (the last val_fraction rows) of CSV
+    `text` (`where` names it in errors), in the data's units: RMSE and MAE of the model, of the
+    random walk and of the least-squares AR(p) fitted on the rows before; for a Gaussian head
+    also how often the central 90% interval holds the value; and `loss`, the validation loss as
+    training computes it (standardised units)."""
     config, scaler, params = trained.config, trained.scaler, trained.params
-    table = read(config, text)
+    table = read(config, text, where)
     k, p = table.targets, config.train.ar_order
     n_train = series.train_rows(len(table), config.train.val_fraction)
+    if not 0 < n_train < len(table):
+        raise UserError(f"{where} has {len(table)} rows: too few to hold a validation part "
+                        f"(the last {config.train.val_fraction:.0%}) after some history")
     ends = np.arange(n_train, len(table))
     y_NxK, actual = table.values[:, :k], table.values[ends, :k]
-    mean, sd = one_step(config, params, scaler.apply(table.values), ends)
+    z_NxF = scaler.apply(table.values)
+    mean, sd = one_step(config, params, z_NxF, ends)
     predictions = {"model": scaler.invert(mean), "random walk": series.random_walk(y_NxK, ends),
                    f"AR({p})": series.autoregression(y_NxK, n_train, p, ends)}
     names = table.names[:k]
+    per_series = lambda error: {label: dict(zip(names, error(pred, actual).tolist()))
+                                for label, pred in predictions.items()}
     report = {"step": trained.step, "from": table.time[n_train], "to": table.time[-1],
-              "points": len(ends), "rmse": {
-                  label: dict(zip(names, series.rmse(pred, actual).tolist()))
-                  for label, pred in predictions.items()}}
+              "points": len(ends), "loss": _validation_loss(config, params, z_NxF, ends, k),
+              "rmse": per_series(series.rmse), "mae": per_series(series.mae)}
     if sd is not None:
         inside = np.abs(actual - scaler.invert(mean)) <= _Z95 * sd * scaler.std[:k]
         report["coverage_90"] = dict(zip(names, inside.mean(axis=0).tolist()))
-    (Path(run_dir) / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _validation_loss(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray, k: int
+                     ) -> float:
+    """The training's validation loss of the times `ends`: its rows and loss function."""
+    mesh = parallel.data_mesh()
+    rows = validation_rows(z_NxF.astype(np.float32), ends, config.train.seq_len,
+                           data.eval_batch_size(config.train, mesh.devices.size))
+    loss = training.series_loss(SeriesTransformer(config.model), k, config.train.head,
+                                train=False)
+    return training.evaluate(training.compile_evaluate(mesh, loss), params, rows)["loss"]
 
 
 def validation_table(report: dict) -> str:
     """The report of `validate` as a few lines of text."""
-    rmse = report["rmse"]
-    names = list(next(iter(rmse.values())))
-    width = max(map(len, rmse)) + 2
     lines = [f"validation, {report['points']} one-step-ahead forecasts ({report['from']} to "
-             f"{report['to']}), RMSE in the data's units:",
-             " " * width + "".join(f"{n:>12}" for n in names)]
-    lines += [f"{label:<{width}}" + "".join(f"{v[n]:12.4f}" for n in names)
-              for label, v in rmse.items()]
+             f"{report['to']}), in the data's units:"]
+    names = list(next(iter(report["rmse"].values())))
+    width = max(map(len, report["rmse"])) + 8
+    for error in ("rmse", "mae"):
+        lines.append(f"{error.upper():<{width}}" + "".join(f"{n:>12}" for n in names))
+        lines += [f"  {label:<{width - 2}}" + "".join(f"{v[n]:12.4f}" for n in names)
+                  for label, v in report[error].items()]
     if "coverage_90" in report:
         lines.append(f"{'90% cover':<{width}}" + "".join(
             f"{report['coverage_90'][n]:12.0%}" for n in names))

@@ -53,6 +53,8 @@ _BLOCK_KEYS = {
     ("mlp", "down", "bias"): "h.{i}.mlp.c_proj.bias",
 }
 _TRANSPOSED = {"lm_head.weight"}
+# In reversed text, a whitespace character followed by a non-whitespace one (see `cut`).
+_SPACE_AFTER_WORD_REVERSED = re.compile(r"\s(?=\S)")
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
 
 
@@ -108,6 +110,15 @@ class BPETokenizer:
 
     def unknown_chars(self, text: str) -> list[str]:
         return []  # byte-level: every text has ids
+
+    def cut(self, text: str) -> int:
+        """Where `text` may be cut so that its two parts encode to the ids of the whole, however
+        it continues (0: nowhere yet): before its last whitespace that follows a non-whitespace
+        character. GPT-2's pre-tokenizer pattern ends every piece that is not whitespace there
+        and looks neither back nor past a piece's end, so the pieces, and their BPE merges, are
+        the same on both sides; `<|endoftext|>` holds no whitespace, so it is never cut."""
+        found = _SPACE_AFTER_WORD_REVERSED.search(text[::-1])
+        return len(text) - 1 - found.start() if found else 0
 
     def encode(self, text: str, add_start: bool = False) -> list[int]:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids

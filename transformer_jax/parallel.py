@@ -37,9 +37,13 @@ def default_cpu_devices(config: Config) -> int:
 
 
 def use_cpu_devices(n: int) -> None:
-    """Give the CPU backend `n` devices (before JAX starts), unless XLA_FLAGS already does."""
+    """Give the CPU backend `n` devices (before JAX starts), unless XLA_FLAGS already does, or
+    JAX already started in this process (a program called as a library): it keeps its own."""
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", n)
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # "should be updated before backends are initialized"
+            pass
 
 
 def use_compile_cache() -> None:

@@ -1,7 +1,8 @@
 """A training run: start or resume in a run directory, train with progress, evaluate, save.
 
     RUN_DIR/checkpoints/     orbax steps (see checkpoint.py)
-    RUN_DIR/metrics.jsonl    one JSON object per log point
+    RUN_DIR/metrics.jsonl    one JSON object per log point (see metrics.py)
+    RUN_DIR/tensorboard/     the same, as TensorBoard event files (--tensorboard)
 
 The loop never names a kind of run: `tasks.kind_of` builds what it trains.
 """
@@ -24,11 +25,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transformer_jax import parallel, tasks, training
+from transformer_jax import data, parallel, tasks, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
 from transformer_jax.config import FIXED_ON_RESUME, Config
 from transformer_jax.errors import RunStopped, UserError
 from transformer_jax.lock import RunLock
+from transformer_jax.metrics import Best, MetricsLog
 from transformer_jax.model import count_params
 from transformer_jax.tasks import Task, Trained
 
@@ -37,37 +39,47 @@ _META_NAMES = {"tokenizer": "a corpus with another vocabulary",
                "base": "another pretrained model", "tokens": "a corpus with other tokens"}
 
 
-def load_for_sampling(run_dir: str | Path, step: int | None = None) -> Trained:
-    """The model of checkpoint `step` (default: the newest) in `run_dir`, ready for
-    `sampling.complete` (`.tokenizer`) or `forecast.forecast` (`.scaler`); see `tasks.load`."""
+def load_for_sampling(run_dir: str | Path, step: int | str | None = None) -> Trained:
+    """The model of checkpoint `step` (default: the newest; "best": the best kept by
+    --keep-best) in `run_dir`, ready for `sampling.complete` (`.tokenizer`) or
+    `forecast.forecast` (`.scaler`); see `tasks.load`."""
     return tasks.load(run_dir, step)
 
 
 def train(config: Config, text: str, run_dir: str | Path, *, fresh: bool = False, devices=None,
           quiet: bool = False, resume_command: str = "the same command",
-          resume_from: str = "latest") -> dict:
+          resume_from: str = "latest", corpus: str | Path | None = None) -> dict:
     """Train on `text` in `run_dir`, resuming from its newest checkpoint: a character model
     from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it, or,
     when `config.train.columns` names columns, a series model of `text` read as CSV.
 
-    See `fit` for resuming, stopping and the result.
+    `corpus`, the file or directory `text` was read from, is recorded in every checkpoint (with
+    the text's sha256), so that `evaluate` finds the run's validation split again. See `fit`
+    for resuming, stopping and the result.
     """
     if config.train.total_steps() <= 0:
         raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
     mesh = parallel.data_mesh(devices)
     task = tasks.kind_of(config).build(config, text, mesh, say=_printer(quiet), quiet=quiet)
+    about = {"corpus": data.corpus_record(corpus, text)} if corpus is not None else {}
     return fit(task, run_dir, mesh, fresh=fresh, quiet=quiet, resume_command=resume_command,
-               resume_from=resume_from)
+               resume_from=resume_from, about=about)
 
 
 def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bool = False,
-        resume_command: str = "the same command", resume_from: str = "latest") -> dict:
+        resume_command: str = "the same command", resume_from: str = "latest",
+        about: dict | None = None) -> dict:
     """Train `task` in `run_dir` on the devices of `mesh`, resuming from its newest checkpoint.
 
     `resume_from="last-good"` skips unreadable newest checkpoints (see `_resume`).
     SIGINT or SIGTERM ends the run after the current compiled chunk of steps with a complete
     checkpoint (RunStopped, exit code 130 or 143); a second SIGINT ends the process at once,
-    leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...}.
+    leaving the last complete checkpoint. Returns the final metrics {"step", "val_loss", ...};
+    a run that follows its best validation loss (--keep-best, --early-stop) adds "best_step",
+    "best_loss" and "stopped_early" (True when --early-stop ended it, with a checkpoint).
+
+    `about` (JSON) is saved with every checkpoint besides `task.meta`, but, unlike it, not
+    checked on resume (where the corpus was read from, say).
 
     Under `jax.distributed` every process runs this with the same arguments and a run directory
     they share; each places only its own devices' rows of every batch, and only process 0
@@ -78,7 +90,7 @@ def fit(task: Task, run_dir: str | Path, mesh, *, fresh: bool = False, quiet: bo
     lock = _lock(run_dir)
     try:
         return _fit(task, run_dir, mesh, fresh, quiet or not parallel.is_lead(), resume_command,
-                    resume_from)
+                    resume_from, about or {})
     finally:
         lock.release()
 
@@ -99,43 +111,97 @@ def _lock(run_dir: Path) -> RunLock:
 
 
 def _fit(task: Task, run_dir: Path, mesh, fresh: bool, quiet: bool, resume_command: str,
-         resume_from: str) -> dict:
+         resume_from: str, about: dict) -> dict:
     """`fit` in a run directory that this run holds."""
     say, tcfg = _printer(quiet), task.config.train
-    ckpt, state, start = _open(task, run_dir, mesh, fresh, resume_from, say)
-    if start >= tcfg.total_steps():
-        say(f"nothing to do: run directory {run_dir} is already at step {start} "
-            f"of {tcfg.total_steps()}; give a larger --steps to continue")
+    log = MetricsLog(run_dir, tensorboard=tcfg.tensorboard)
+    ckpt, state, start, best = _open(task, run_dir, mesh, fresh, resume_from, log, say)
+    done = _nothing_to_do(run_dir, tcfg, start, best)
+    if done:
+        say(done)
         ckpt.close()
-        return {"step": start}
+        return {"step": start, **_best_result(tcfg, best)}
     say(json.dumps(task.config.to_dict()))
     say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
         f"{mesh.devices.flat[0].platform}  {task.kind.unit}s/step: "
         f"{task.batches.tokens_per_step:,}")
-    loop = _Loop.compile(task, mesh, run_dir / "metrics.jsonl")
+    loop = _Loop.compile(task, mesh, log)
     bar = tqdm(total=tcfg.total_steps(), initial=start, disable=quiet, unit="step",
                dynamic_ncols=True, file=sys.stdout)
     note = (lambda *a: None) if quiet else bar.write  # bar.write ignores `disable`
-    stop, step, last = _StopRequests(), start, {}
+    stop, step, last, early = _StopRequests(), start, {}, False
     try:
         while step < tcfg.total_steps():
             state, last, reached = loop.chunk(state, step, ckpt, note, bar)
             step = last["step"]
             stop.agree()
-            if _due(step, tcfg.save_every, tcfg) or reached or stop.signal:
-                ckpt.save(step, state, {**task.meta, "data_position": step})
+            best, improved = _follow_best(best, last, tcfg)
+            early = best.patience_spent(tcfg.early_stop)
+            if _due(step, tcfg.save_every, tcfg) or reached or stop.signal or early or improved:
+                ckpt.save(step, state, {**about, **task.meta, "data_position": step,
+                                        **_best_meta(tcfg, best)},
+                          best_loss=best.val_loss if improved else None)
             if reached:
                 note(f"validation loss {last['val_loss']:.4f} reached the target "
                      f"{tcfg.target_loss}")
+                break
+            if early:
+                note(f"early stop at step {step}: {_best_line(task, best)}")
                 break
             if stop.signal:
                 ckpt.wait()
                 raise RunStopped(f"interrupted at step {step}, resume with {resume_command}",
                                  exit_code=128 + stop.signal)
     finally:
-        _close(stop, bar, ckpt)
+        _close(stop, bar, ckpt, log)
     say(f"checkpoint: {run_dir / 'checkpoints' / str(step)}")
-    return last
+    if tcfg.keep_best and not early and best.step is not None:
+        say(_best_line(task, best))
+    return {**last, **_best_result(tcfg, best)}
+
+
+def _nothing_to_do(run_dir: Path, tcfg, start: int, best: Best) -> str:
+    """Why a run resumed at `start` has nothing to do, or "" if it has."""
+    if start >= tcfg.total_steps():
+        return (f"nothing to do: run directory {run_dir} is already at step {start} of "
+                f"{tcfg.total_steps()}; give a larger --steps to continue")
+    if best.patience_spent(tcfg.early_stop):
+        return (f"nothing to do: run directory {run_dir} stopped early at step {start}: "
+                f"{best.stale} evaluations without an improvement since its best, step "
+                f"{best.step} (--early-stop {tcfg.early_stop}); give a larger --early-stop, or "
+                "--early-stop 0, to continue")
+    return ""
+
+
+def _follow_best(best: Best, record: dict, tcfg) -> tuple[Best, bool]:
+    """The best after the chunk that ended in `record`, and whether its step is to be saved
+    as a new best (--keep-best)."""
+    if not tcfg.tracks_best or "val_loss" not in record:
+        return best, False
+    best = best.update(record["step"], record["val_loss"], tcfg.min_delta)
+    return best, tcfg.keep_best and best.step == record["step"]
+
+
+def _best_meta(tcfg, best: Best) -> dict:
+    """The checkpoint metadata entry of the best, when the run follows it."""
+    return {"best": best.to_meta()} if tcfg.tracks_best else {}
+
+
+def _best_result(tcfg, best: Best) -> dict:
+    """What `fit` returns about the best, when the run follows it."""
+    if not tcfg.tracks_best:
+        return {}
+    return {"best_step": best.step, "best_loss": best.val_loss,
+            "stopped_early": best.patience_spent(tcfg.early_stop)}
+
+
+def _best_line(task: Task, best: Best) -> str:
+    """A line about the best validation loss (and the stale evaluations that ended the run)."""
+    tcfg = task.config.train
+    where = f" ({task.kind.reader} it with --step best)" if tcfg.keep_best else ""
+    stale = (f"no improvement of at least {tcfg.min_delta} in {best.stale} evaluations; "
+             if best.patience_spent(tcfg.early_stop) else "")
+    return f"{stale}best: step {best.step}, val loss {best.val_loss:.4f}{where}"
 
 
 def _printer(quiet: bool) -> Callable[..., None]:
@@ -147,10 +213,11 @@ def _due(step: int, every: int, tcfg) -> bool:
     return step % every == 0 or step == tcfg.total_steps()
 
 
-def _open(task: Task, run_dir: Path, mesh, fresh: bool, resume_from: str, say
-          ) -> tuple[RunCheckpoints, training.TrainState, int]:
-    """The run directory's checkpoints (emptied first when `fresh`), and the state to continue
-    from with its step: the newest checkpoint's, or a new one at step 0."""
+def _open(task: Task, run_dir: Path, mesh, fresh: bool, resume_from: str, log: MetricsLog, say
+          ) -> tuple[RunCheckpoints, training.TrainState, int, Best]:
+    """The run directory's checkpoints (emptied first when `fresh`, with the metrics of `log`),
+    and the state to continue from with its step and the best so far: the newest
+    checkpoint's, or a new one at step 0. `log` forgets the records after that step."""
     tcfg, lead = task.config.train, parallel.is_lead()
     initial = task.init_params()  # compiled and cheap; its shapes are also the restore target's
     replicated = parallel.replicated(mesh)
@@ -159,20 +226,19 @@ def _open(task: Task, run_dir: Path, mesh, fresh: bool, resume_from: str, say
     if fresh and run_dir.exists() and lead:
         check_own(run_dir)  # never delete another program's files
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        log.clear()
     parallel.sync("fresh")
-    ckpt = RunCheckpoints(run_dir, keep=tcfg.keep)
+    ckpt = RunCheckpoints(run_dir, keep=tcfg.keep, keep_best=tcfg.keep_best)
     try:
-        state, start = _resume(ckpt, task.meta, abstract, run_dir, resume_from, say)
+        state, start, meta = _resume(ckpt, task.meta, abstract, run_dir, resume_from, say)
     except UserError:
         ckpt.close()
         raise
+    log.resume(start)
     if not start:
-        return ckpt, training.fresh_state(initial, tcfg, mesh), 0
+        return ckpt, training.fresh_state(initial, tcfg, mesh), 0, Best()
     say(f"resuming from step {start}")
-    if lead:
-        _drop_metrics_after(run_dir / "metrics.jsonl", start)
-    return ckpt, state, start
+    return ckpt, state, start, Best.from_meta(meta)
 
 
 @dataclass(frozen=True)
@@ -187,23 +253,22 @@ class _Loop:
     starts_sharding: Any
     val_all: Any
     val_some: Any
-    metrics_path: Path
+    log: MetricsLog
     started: float  # time.perf_counter() when the loop began
 
     @classmethod
-    def compile(cls, task: Task, mesh, metrics_path: Path) -> _Loop:
+    def compile(cls, task: Task, mesh, log: MetricsLog) -> _Loop:
         tcfg, batches = task.config.train, task.batches
         tx = training.optimizer(tcfg)
         val_all = parallel.place(task.val_rows, parallel.split_batches(mesh))
-        val_some = (jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if tcfg.eval_batches
-                    else val_all)
+        some = tcfg.eval_batches and not tcfg.tracks_best  # a best compares whole splits
+        val_some = jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if some else val_all
         return cls(task, training.compile_train_chunk(mesh, task.train_loss, tx, batches.row_len,
                                                       tcfg.micro_batches),
                    training.compile_evaluate(mesh, task.eval_loss),
                    jax.jit(training.learning_rate(tcfg)),  # one compiled call, not ten eager ops
                    parallel.place(batches.source, parallel.replicated(mesh)),
-                   parallel.split_batches(mesh), val_all, val_some, metrics_path,
-                   time.perf_counter())
+                   parallel.split_batches(mesh), val_all, val_some, log, time.perf_counter())
 
     def chunk(self, state, step: int, ckpt: RunCheckpoints, note, bar
               ) -> tuple[training.TrainState, dict, bool]:
@@ -226,14 +291,13 @@ class _Loop:
         reached = False
         if _due(step, tcfg.eval_every, tcfg):
             reached = self.evaluate(state, step, record, note)
-        if parallel.is_lead():
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.log.write(record)
         return state, record, reached
 
     def evaluate(self, state, step: int, record: dict, note) -> bool:
         """Add the validation loss (and bits per unit) to `record`, on the whole split at the
-        end and when the target seems reached (True if it is), else on `eval_batches`."""
+        end, when the target seems reached (True if it is) and when the run follows its best,
+        else on `eval_batches`."""
         tcfg, kind = self.task.config.train, self.task.kind
         target, last = tcfg.target_loss, step == tcfg.total_steps()
         ev = training.evaluate(self.evaluate_fn, state.params,
@@ -268,10 +332,11 @@ def _finite_losses(out: dict, step: int, on_nan: str, ckpt: RunCheckpoints, note
     return losses[finite] if finite.any() else losses
 
 
-def _close(stop, bar, ckpt: RunCheckpoints) -> None:
+def _close(stop, bar, ckpt: RunCheckpoints, log: MetricsLog) -> None:
     """Restore the signal handlers, close the progress bar, finish writing and close."""
     stop.restore()
     bar.close()
+    log.close()
     try:
         ckpt.wait()
     finally:
@@ -292,21 +357,9 @@ def check_resumable(saved: dict, wanted: dict, where: str) -> None:
                             "use the same --data, another --run-dir, or --fresh")
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the records of steps after `step` (redone after a resume), so none repeats."""
-    def kept(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return False  # a line cut short by a killed process
-
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(filter(kept, lines)))
-
-
 def _resume(ckpt: RunCheckpoints, meta: dict, abstract, run_dir: Path, resume_from: str, say):
-    """(restored state, its step) from the newest checkpoint, or (None, 0) when there is none.
+    """(restored state, its step, its metadata) from the newest checkpoint, or (None, 0, {})
+    when there is none.
 
     An unreadable newest step is an error, unless `resume_from` is "last-good": then each
     unreadable step is set aside, with a message, and the newest readable one is used. A
@@ -314,14 +367,15 @@ def _resume(ckpt: RunCheckpoints, meta: dict, abstract, run_dir: Path, resume_fr
     """
     for step in ckpt.steps():
         try:
-            check_resumable(ckpt.meta(step), meta, f"run directory {run_dir}")
-            return ckpt.restore(step, abstract), step
+            saved = ckpt.meta(step)
+            check_resumable(saved, meta, f"run directory {run_dir}")
+            return ckpt.restore(step, abstract), step, saved
         except UnreadableCheckpoint as e:
             if resume_from != "last-good":
                 raise UserError(f"{e}; give --resume-from last-good to fall back to the newest "
                                 "readable step, or --fresh") from None
             say(f"{e}: set aside as {ckpt.set_aside(step)}")
-    return None, 0
+    return None, 0, {}
 
 
 def _settings(config: Config) -> dict[str, Any]:

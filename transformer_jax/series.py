@@ -170,3 +170,8 @@ def autoregression(y_NxK: np.ndarray, n_train: int, p: int, ends: np.ndarray) ->
 def rmse(pred_MxK: np.ndarray, actual_MxK: np.ndarray) -> np.ndarray:
     """Root mean squared error per series: (K,)."""
     return np.sqrt(np.mean((pred_MxK - actual_MxK) ** 2, axis=0))
+
+
+def mae(pred_MxK: np.ndarray, actual_MxK: np.ndarray) -> np.ndarray:
+    """Mean absolute error per series: (K,)."""
+    return np.mean(np.abs(pred_MxK - actual_MxK), axis=0)

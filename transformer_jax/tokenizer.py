@@ -106,6 +106,11 @@ class CharTokenizer:
         return "".join(symbols[i] for i in map(int, ids)
                        if not (skip_specials and i >= len(self.chars)))
 
+    def cut(self, text: str) -> int:
+        """Where `text` may be cut so that its two parts encode to the ids of the whole, however
+        it continues: anywhere, for characters (the end)."""
+        return len(text)
+
     def unknown_chars(self, text: str) -> list[str]:
         """Distinct characters of `text` that the vocabulary lacks, sorted."""
         return sorted(set(text) - set(self.chars))

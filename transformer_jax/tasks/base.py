@@ -41,7 +41,9 @@ class Trained:
     """A checkpoint's model, ready for inference.
 
     `tokenizer` for a text model (`sampling.complete`), `scaler` for a series model
-    (`forecast.forecast`): the other is None. `step` is the checkpoint's step.
+    (`forecast.forecast`): the other is None. `step` is the checkpoint's step; `targets` the
+    token ids its prediction layer covers (a transfer run's corpus tokens; None: every id);
+    `corpus` what the run recorded of its corpus (`data.corpus_record`), if anything.
     """
 
     kind: TaskKind
@@ -50,6 +52,8 @@ class Trained:
     step: int
     tokenizer: Any = None
     scaler: Any = None
+    targets: Any = None
+    corpus: dict | None = None
 
 
 # (config, checkpoint metadata, restore) -> Trained, where restore(shapes) reads the params

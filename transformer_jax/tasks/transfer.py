@@ -95,7 +95,8 @@ def load(config: Config, meta: dict, restore, step: int) -> Trained:
     cfg = dataclasses.replace(config.model, head_size=0)
     head = full_vocabulary_head(params["head"], np.asarray(meta["tokens"]), cfg.vocab_size)
     return Trained(KIND, Config(cfg, config.train),
-                   layered({**params, "head": head}, cfg.scan_layers), step, tokenizer=tokenizer)
+                   layered({**params, "head": head}, cfg.scan_layers), step, tokenizer=tokenizer,
+                   targets=np.asarray(meta["tokens"]))
 
 
 KIND = TaskKind("transfer", unit="token", reader="sample", cross_entropy=True,
