@@ -207,7 +207,7 @@ def test_train_and_forecast_command_lines(macro_like, tmp_path, capsys):
                       "--covariates", "q", "--time-column", "date", "--head", "gaussian",
                       "--run-dir", run_dir)
     assert proc.returncode == 0, proc.stderr
-    for needle in ("RMSE in the data's units", "random walk", "AR(2)", "90% cover",
+    for needle in ("in the data's units", "RMSE", "MAE", "random walk", "AR(2)", "90% cover",
                    "forecast with: python forecast.py"):
         assert needle in proc.stdout, proc.stdout
     proc = run_script("forecast.py", "--run-dir", run_dir, "--data", macro_like, "--horizon",

@@ -190,15 +190,17 @@ def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, pa
         print(f"loss curve: {plot.plot_run(run_dir, kind.loss_label(config))}")
     except UserError as e:  # matplotlib is an optional extra: a hint, not a failure
         print(f"no loss curve: {e}")
+    best = " --step best" if config.train.keep_best else ""
+    where = f"--run-dir {shlex.quote(run_dir)}{best}"
     if kind.reader == "forecast":
         report = forecast.validate(run.load_for_sampling(run_dir), text)
         (Path(run_dir) / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
         print(forecast.validation_table(report))
-        print(f"forecast with: {_program('forecast')} --run-dir {shlex.quote(run_dir)} "
-              f"--data {shlex.quote(str(path))} --horizon 8")
+        print(f"forecast with: {_program('forecast')} {where} --data "
+              f"{shlex.quote(str(path))} --horizon 8")
     else:
-        print(f"sample with: {_program('sample')} --run-dir {shlex.quote(run_dir)} "
-              "--prompt \"...\"")
+        print(f"sample with: {_program('sample')} {where} --prompt \"...\"")
+    print(f"judge it with: {_program('evaluate')} {where} [--data FILE] [--html page.html]")
 
 
 def _load(run_dir: str, step: int | str | None, program: str):
@@ -425,12 +427,13 @@ def _evaluate(argv: list[str] | None) -> None:
 def _write_page(scores, report: dict, path: str) -> None:
     from transformer_jax import surprisal
 
-    shown = len(scores.pieces)
+    shown, unit = len(scores.pieces), report["unit"]
+    per_char = "" if unit == "char" else f", {report['bits_per_char']:.3f} per character"
+    part = "all of them" if shown == report["tokens"] else f"the first {shown:,}"
     summary = (f"{report['model']} (step {report['step']}) on {report['data']}: "
-               f"{report['bits_per_token']:.3f} bits per {report['unit']}, "
-               f"{report['bits_per_char']:.3f} per character, {report['bits_per_byte']:.3f} per "
-               f"byte over {report['tokens']:,} {report['unit']}s; the page shows the first "
-               f"{shown:,}")
+               f"{report['bits_per_token']:.3f} bits per {unit}{per_char}, "
+               f"{report['bits_per_byte']:.3f} per UTF-8 byte, over {report['tokens']:,} "
+               f"{unit}s; the page shows {part}")
     try:
         out = surprisal.write_page(scores, path, title=f"Surprisal: {report['model']}",
                                    summary=summary)
