@@ -84,6 +84,32 @@ def test_read_text_directory_names_the_bad_file(tmp_path):
     assert str(bad) in str(err.value)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 1 << 20])
+def test_iter_text_reads_in_pieces_what_read_text_reads_whole(tmp_path, chunk_bytes):
+    """Pieces cut inside multi-byte characters still decode to the text, each piece at most
+    `chunk_bytes` bytes of the file and the (at most 3) bytes of a character the piece before
+    left unfinished (bounded memory)."""
+    text = "Ünïcödé — 日本語, 🙂 emoji\r\nend\n" * 3
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("b", encoding="utf-8")
+    for path in (tmp_path / "a.txt", tmp_path):
+        pieces = list(data.iter_text(path, chunk_bytes))
+        assert "".join(pieces) == data.read_text(path)
+        assert max(len(p.encode()) for p in pieces) <= chunk_bytes + 3
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"ok " * 100 + b"\x00", "binary"),
+    (b"ok " * 100 + b"\xe6\x97", "ends inside a character"),
+    (b"ok " * 100 + b"\xff ok", "byte 300"),
+])
+def test_iter_text_names_a_bad_byte_in_a_later_piece(tmp_path, content, needle):
+    path = _write(tmp_path / "late.txt", content)
+    with pytest.raises(UserError, match=needle) as err:
+        list(data.iter_text(path, 64, what="--data"))
+    assert str(err.value).startswith(f"--data {path}")
+
+
 # --- split_text -----------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import forward
+from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
 from transformer_jax.errors import UserError
@@ -115,6 +116,23 @@ def test_tokenizer_matches_transformers(tmp_path, drop):
         assert tokenizer.encode(prompt) == ids
         assert tokenizer.decode(ids) == text == prompt
     assert tokenizer.encode("<|endoftext|>") == [0]  # special, not spelled in bytes
+
+
+_CUT_ALPHABET = "ab é中\n\t  .,'s<|endoftext|>0123"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=_CUT_ALPHABET, max_size=60), more=st.text(alphabet=_CUT_ALPHABET,
+                                                                       max_size=20))
+def test_a_cut_text_encodes_in_two_parts_to_the_ids_of_the_whole(pretrained, text, more):
+    """evaluate.py encodes long files piece by piece, cut where `cut` allows: whatever
+    follows, the two parts' ids must be the whole text's."""
+    tokenizer = pretrained[2]
+    cut = tokenizer.cut(text)
+    assert 0 <= cut <= len(text)
+    whole = text + more
+    assert tokenizer.encode(whole[:cut]) + tokenizer.encode(whole[cut:]) == \
+        tokenizer.encode(whole)
 
 
 def test_every_parameter_matters(pretrained):
