@@ -212,6 +212,7 @@ def char_run(tmp_path_factory):
 def test_several_runs_print_one_table_and_the_page_shows_every_token(char_run, tmp_path,
                                                                      capsys):
     run_dir, _ = char_run
+    other_run, _ = _train(tmp_path, "other", TEXT[::-1], TINY_RUN.replace(steps=5))
     other = tmp_path / "held-out.txt"
     other.write_text(TEXT[:300], encoding="utf-8")
     page = tmp_path / "page.html"
@@ -225,6 +226,10 @@ def test_several_runs_print_one_table_and_the_page_shows_every_token(char_run, t
     cli.evaluate_main(["--run-dir", str(run_dir), "--run-dir", str(run_dir), "--data",
                        str(other)])
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    # Without --data, each run on its own split.
+    cli.evaluate_main(["--run-dir", str(run_dir), "--run-dir", str(other_run)])
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [row.split()[-1] for row in rows] == [str(run_dir), str(other_run)]
 
 
 @pytest.mark.parametrize("argv, needles", [

@@ -398,17 +398,18 @@ def _evaluate(argv: list[str] | None) -> None:
 
     mesh, reports = parallel.data_mesh(), []
     text = evaluate.file_text(args.data) if args.data else None
+    first_split = None  # without --data, a --model is judged on the first run's split
     for what, name in models:
         if what == "run":
             trained = _load(name, args.step, "evaluate")
         else:
             trained = evaluate.pretrained(name)
         report, scores = evaluate.judge(
-            trained, name, text, mesh=mesh, context=args.context, stride=args.stride,
-            batch_size=args.batch_size, page_tokens=args.html_tokens if args.html else 0,
-            quiet=args.json)
-        if text is None and what == "run" and trained.kind.reader == "sample":
-            text = evaluate.validation_split(trained, name)  # the --model's text too
+            trained, name, text or (first_split if what == "model" else None), mesh=mesh,
+            context=args.context, stride=args.stride, batch_size=args.batch_size,
+            page_tokens=args.html_tokens if args.html else 0, quiet=args.json)
+        if not (text or first_split) and what == "run" and trained.kind.reader == "sample":
+            first_split = evaluate.validation_split(trained, name)
         reports.append(report)
         if report.get("unknown_chars"):
             _warn(f"{name}: the characters {', '.join(map(repr, report['unknown_chars']))} are "
