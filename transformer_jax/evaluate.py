@@ -57,10 +57,6 @@ class Windows:
     start: int | None = None
     end: int | None = None
 
-    @property
-    def row_len(self) -> int:
-        return self.context + (2 if self.end is not None else 1)
-
 
 def windows_for(trained: Trained, context: int | None = None, stride: int | None = None
                 ) -> Windows:
