@@ -357,7 +357,7 @@ def test_dropout_is_active_only_with_train_true():
 def test_init_cache_is_empty_and_shaped_batch_by_max_len():
     cfg = tiny_config(heads=4)
     cache = init_cache(cfg, 3)
-    assert int(cache["trunk"]["index"]) == 0
+    assert cache["trunk"]["index"].tolist() == [0, 0, 0]
     k = cache["trunk"]["block_0"]["attn"]["key"]
     assert k.shape == (3, cfg.max_len, 4, 4) and not np.asarray(k).any()
 

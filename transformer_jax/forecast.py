@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from transformer_jax import data, parallel, series, training
 from transformer_jax.config import Config
 from transformer_jax.errors import UserError
-from transformer_jax.model import SeriesTransformer, series_inputs
-from transformer_jax.sampling import autoregress
+from transformer_jax.model import SeriesTransformer, empty_cache, series_inputs
 from transformer_jax.series import Scaler, Series
 from transformer_jax.tasks import Trained
 from transformer_jax.tasks.series import read, shape, validation_rows
@@ -99,11 +99,57 @@ def validation_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def autoregress(model: nn.Module, params, buffer, length, rng, *, count: int, width: int,
+                window: int, draw, inputs_at):
+    """Extend a history by `count` values, one cached step each: (count, B, ...) draws.
+
+    Args:
+      buffer: (B, P, ...) array; positions [0, length) hold the prompt (of the first `width`,
+        a static size, the rest ignored), and each new value is written at the next position.
+      length: positions of prompt (an int32 scalar, may be traced).
+      draw: (model output at the newest position (B, O), rng key) -> the next value (B, ...).
+      inputs_at: (buffer, start, n) -> the model's inputs for positions [start, start + n).
+      window: positions the cache holds; once full it is refilled from the last half-window
+        (absolute positions cannot slide inside a cache), one prefill per half-window.
+    """
+    half = max(window // 2, 1)
+    step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
+                                        mutable=["cache"])
+
+    def prefill(buffer, start, n, used):
+        """A fresh cache of positions [start, start + used) (inputs read: n >= used), and the
+        output at the last of them."""
+        x = inputs_at(buffer, start, n)
+        out, vars_ = step(empty_cache(model, x[:, :1]), x)
+        trunk = {**vars_["cache"]["trunk"],
+                 "index": jnp.full(x.shape[:1], used, jnp.int32)}  # every row alike
+        return {**vars_["cache"], "trunk": trunk}, out[:, used - 1]
+
+    def body(carry, i):
+        cache, out, buffer, rng = carry
+        rng, key = jax.random.split(rng)
+        value = draw(out, key)
+        at = length + i
+        buffer = jax.lax.dynamic_update_slice(
+            buffer, value[:, None].astype(buffer.dtype), (0, at) + (0,) * (buffer.ndim - 2))
+
+        def advance(_):
+            out, vars_ = step(cache, inputs_at(buffer, at, 1))
+            return vars_["cache"], out[:, -1]
+
+        slide = lambda _: prefill(buffer, at + 1 - half, half, half)
+        cache, out = jax.lax.cond(cache["trunk"]["index"][0] >= window, slide, advance, None)
+        return (cache, out, buffer, rng), value
+
+    cache, out = prefill(buffer, 0, width, length)
+    return jax.lax.scan(body, (cache, out, buffer, rng), jnp.arange(count))[1]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "k", "length", "window", "gaussian"))
 def _simulate(params, path_BxPxF, rng, *, model, k: int, length: int, window: int,
               gaussian: bool):
     """Fill path[:, length:, :k] but the last time, one time after the other: (B, H, K) draws
-    (a cached step each, the first `length` times the history; see `sampling.autoregress`)."""
+    (a cached step each, the first `length` times the history; see `autoregress`)."""
     def draw(out_BxO, key):
         y_BxK = out_BxO[:, :k]
         if gaussian:

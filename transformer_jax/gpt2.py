@@ -9,6 +9,7 @@ BPE. Needs the `gpt2` extra: `pip install 'transformer-jax[gpt2]'`.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib
 import json
@@ -77,6 +78,7 @@ class BPETokenizer:
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer  # a tokenizers.Tokenizer
+        self._bytes = None  # each id's bytes, built on first use (see incremental_decoder)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> BPETokenizer:
@@ -105,8 +107,22 @@ class BPETokenizer:
         return self.vocab_size - 1 if eot is None else eot
 
     @property
+    def end_id(self) -> int:
+        return self.start_id  # <|endoftext|> separates documents: it ends one, starts the next
+
+    @property
     def pad_id(self) -> int:
         return self.vocab_size
+
+    def incremental_decoder(self):
+        """`decode(ids, final=False)` of successive pieces of one sequence, special tokens
+        dropped: a token may end inside a character's UTF-8 bytes, which are held back until
+        the rest come (or, with `final`, shown as U+FFFD)."""
+        if self._bytes is None:
+            self._bytes = _token_bytes(self._tokenizer)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        table = self._bytes
+        return lambda ids, final=False: utf8.decode(b"".join(table[int(i)] for i in ids), final)
 
     def unknown_chars(self, text: str) -> list[str]:
         return []  # byte-level: every text has ids
@@ -126,6 +142,31 @@ class BPETokenizer:
 
     def decode(self, ids, skip_specials: bool = False) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_specials)
+
+
+def _byte_symbols() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the character that stands for each byte in a token's text.
+    Bytes that print as themselves (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) keep their code
+    point; the other 68 take the code points from 256 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _token_bytes(tokenizer) -> list[bytes]:
+    """The bytes each id of a byte-level BPE `tokenizers.Tokenizer` stands for (special
+    tokens: none; a token outside the byte alphabet: its decoded text)."""
+    symbols = _byte_symbols()
+    table = [b""] * tokenizer.get_vocab_size()
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for token, i in tokenizer.get_vocab().items():
+        if token in specials:
+            continue
+        if all(c in symbols for c in token):
+            table[i] = bytes(symbols[c] for c in token)
+        else:
+            table[i] = tokenizer.decode([i]).encode("utf-8")
+    return table
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:

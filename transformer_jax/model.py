@@ -5,8 +5,9 @@ Shapes are in names: B batch, T sequence (this call), S cache length, D d_model,
 K head dim, F feed-forward size, V vocabulary.
 
 Decoding (`decode=True`, mutable "cache") appends the T tokens of the call to a key/value cache
-of length `max_len` at the current cache index, so a prompt is one call (prefill) and each new
-token one more. `init_cache` builds an empty cache.
+of length `max_len` at each row's own cache index (trunk/index, shape (B,)), so a prompt is one
+call (prefill), each new token one more, and the rows of a batch may be at different positions
+(sequences of different lengths decoded together). `init_cache` builds an empty cache.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class CausalSelfAttention(nn.Module):
         Args:
           x_BxTxD: input hidden states.
           valid_BxT: optional bool mask of real (non-pad) tokens; pad keys are never attended.
-          offset: int32 scalar, cache position of this call's first token (decode only).
+          offset: int32 (B,) (or a scalar for every row), cache position of each row's first
+            token of this call (decode only).
         Returns:
           (B, T, D) output.
         """
@@ -110,26 +112,28 @@ class CausalSelfAttention(nn.Module):
         dense = lambda n, name: nn.Dense(n, dtype=_dtype(cfg), kernel_init=_INIT, name=name)
         qkv_BxTx3D = dense(3 * cfg.d_model, "qkv")(x_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTx3D.reshape(B, T, 3 * H, K), 3, axis=2)
-        q_pos_T = jnp.arange(T)
+        q_pos_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if decode:
             S = cfg.max_len
+            offset_B = jnp.broadcast_to(offset, (B,))
+            # Each row's T new entries at its own offset (a row's update of its (S, ...) cache).
+            write = jax.vmap(lambda cache, new, at: jax.lax.dynamic_update_slice_in_dim(
+                cache, new, at, axis=0))
             cached_k = self.variable("cache", "key", jnp.zeros, (B, S, H, K), k_BxTxHxK.dtype)
             cached_v = self.variable("cache", "value", jnp.zeros, (B, S, H, K), v_BxTxHxK.dtype)
-            at = (0, offset, 0, 0)
-            cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxHxK, at)
-            cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxHxK, at)
+            cached_k.value = write(cached_k.value, k_BxTxHxK, offset_B)
+            cached_v.value = write(cached_v.value, v_BxTxHxK, offset_B)
             k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
-            q_pos_T = q_pos_T + offset
+            q_pos_BxT = q_pos_BxT + offset_B[:, None]
             # Pads are cached too (as "pad", so init_cache's zeros mean "all valid"): a pad
             # written by an earlier call stays unattended.
             cached_pad = self.variable("cache", "pad", jnp.zeros, (B, S), bool)
             if valid_BxT is not None:
-                cached_pad.value = jax.lax.dynamic_update_slice(
-                    cached_pad.value, ~valid_BxT.astype(bool), (0, offset))
+                cached_pad.value = write(cached_pad.value, ~valid_BxT.astype(bool), offset_B)
             valid_BxT = ~cached_pad.value
         else:
             S, k_BxSxHxK, v_BxSxHxK = T, k_BxTxHxK, v_BxTxHxK
-        mask_BxTxS = (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
+        mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
         if valid_BxT is not None:
             mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
         drop = nn.Dropout(cfg.dropout)
@@ -187,20 +191,22 @@ class Trunk(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, valid_BxT=None, *, decode=False, train=False):
         cfg = self.config
-        T = x_BxTxD.shape[1]
+        B, T = x_BxTxD.shape[:2]
         if T > cfg.max_len:
             raise ValueError(f"{T} tokens exceed the context window max_len={cfg.max_len}")
-        offset = None
+        offset_B = None
+        pos_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if decode:
-            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-            offset = index.value
-            index.value = offset + T
-        pos_T = jnp.arange(T) + (0 if offset is None else offset)
+            index = self.variable("cache", "index", lambda: jnp.zeros((B,), jnp.int32))
+            offset_B = index.value
+            index.value = offset_B + T
+            pos_BxT = pos_BxT + offset_B[:, None]
         if cfg.positions == "learned":
             table = self.param("positions", _INIT, (cfg.max_len, cfg.d_model))
         else:
             table = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))
-        x_BxTxD = (x_BxTxD + jnp.take(table, pos_T, axis=0)[None]).astype(_dtype(cfg))
+        # Clipped: a row whose cache is full may still be stepped (its output then discarded).
+        x_BxTxD = (x_BxTxD + jnp.take(table, pos_BxT, axis=0, mode="clip")).astype(_dtype(cfg))
         x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=not train)
         # Rematerialised blocks keep only their inputs for the backward pass (decode and train
         # are arguments 4 and 5, counting the module itself as 0).
@@ -212,10 +218,10 @@ class Trunk(nn.Module):
             layers = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                              split_rngs={"params": True, "dropout": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.layers)
-            x_BxTxD, _ = layers(block(cfg, name="blocks"), x_BxTxD, valid_BxT, offset)
+            x_BxTxD, _ = layers(block(cfg, name="blocks"), x_BxTxD, valid_BxT, offset_B)
         else:
             for i in range(cfg.layers):
-                x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset, decode,
+                x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset_B, decode,
                                                         train)
         if cfg.norm == "pre":
             x_BxTxD = nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name="ln_f")(x_BxTxD)

@@ -1,15 +1,30 @@
-"""Autoregressive sampling with a key/value cache, in one compiled call.
+"""Autoregressive sampling with a key/value cache, streamed in compiled chunks.
 
-The prompt is processed in one forward pass (prefill); each new token is then one cached step.
-When the text outgrows the context window the window slides: absolute positions cannot move
-inside a cache, so a full cache is refilled from the last half-window of text (one prefill per
-half-window of new tokens).
+A `Decoder` holds B rows on the device (each row's cache, newest logits, settings and the
+tokens it may still produce) and advances them together, a chunk of steps per compiled call,
+so the host sees tokens as they come while the cache never leaves the device. Rows are
+independent: each has its own position, random key, temperature and top-p, so prompts of any
+length, and requests arriving at different times, share one batch (a row is placed when a slot
+is free and stops changing when it finishes). A prompt is one forward pass (prefill), each new
+token one cached step. When a row's text outgrows the context window it slides: absolute
+positions cannot move inside a cache, so a full cache is refilled from the last half-window
+of text (one prefill per half-window of new tokens).
+
+`TextStream` turns a row's tokens into text as it grows, holding back what may still turn into
+a stop string; `Sampler` ties both to a tokenizer for prompts given as text (sample.py, the
+server).
+
+Shapes: B rows, W context window (max_len), V vocabulary, C steps per chunk.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,28 +32,37 @@ from flax import linen as nn
 
 from transformer_jax.model import Transformer, empty_cache
 
+FREE = -1  # in a chunk's tokens: no token (the row had finished, or was free)
+
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
                   top_k: int = 0, top_p: jax.Array | None = 1.0) -> jax.Array:
     """Next token ids (B,) from logits: greedy at temperature 0, else softmax(logits / T)
     restricted to the `top_k` largest (0: all) and the smallest set of probability >= `top_p`
-    (None: no such restriction, as 1.0 but without sorting the vocabulary)."""
+    (None: no such restriction, as 1.0 but without sorting the vocabulary).
+
+    `rng` is one key per row (B, 2) or one key for all; `temperature` and `top_p` are scalars
+    or one per row (B,)."""
+    B = logits_BxV.shape[0]
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
-    logits_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+    temperature_Bx1 = jnp.broadcast_to(temperature, (B,))[:, None]
+    logits_BxV = logits_BxV / jnp.maximum(temperature_Bx1, 1e-6)
     if top_k:
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     if top_p is not None:
+        top_p_Bx1 = jnp.broadcast_to(top_p, (B,))[:, None]
         sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
         probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
         mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
         # Keep each token whose predecessors' mass is still below top_p (the first always).
-        keep_BxV = (mass_before_BxV < top_p) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
+        keep_BxV = (mass_before_BxV < top_p_Bx1) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
         cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
-    sampled_B = jax.random.categorical(rng, logits_BxV, axis=-1)
-    return jnp.where(temperature == 0, greedy_B, sampled_B)
+    keys_B = rng if jnp.ndim(rng) == 2 else jax.random.split(rng, B)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, logits_BxV)
+    return jnp.where(temperature_Bx1[:, 0] == 0, greedy_B, sampled_B)
 
 
 def check_arguments(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -59,78 +83,218 @@ def check_arguments(*, max_new_tokens: int, temperature: float, top_k: int, top_
             raise ValueError(f"{name}={value} {rule}")
 
 
-def autoregress(model: nn.Module, params, buffer, length, rng, *, count: int, width: int,
-                window: int, draw, inputs_at):
-    """Extend a prompt by `count` values, one cached step each: (count, B, ...) draws.
+@flax.struct.dataclass
+class Rows:
+    """The decoder's device state: B rows, each at its own position.
 
-    Serves any model over the trunk: token ids here, real-valued series in forecast.py.
+    cache: the model's key/value cache (trunk/index (B,): positions each row holds);
+    logits_BxV: each row's prediction of its next token; window_BxW: the tokens its cache
+    holds, in order; keys_Bx2: its random key; temperature_B, top_p_B: its settings;
+    left_B: tokens it may still produce (0: finished, or a free slot).
+    """
+
+    cache: dict
+    logits_BxV: jax.Array
+    window_BxW: jax.Array
+    keys_Bx2: jax.Array
+    temperature_B: jax.Array
+    top_p_B: jax.Array
+    left_B: jax.Array
+
+
+def _row_cache(model: nn.Module, params, tokens_1xT: jax.Array, used):
+    """A fresh cache (one row) of the first `used` of `tokens_1xT` and the logits (V,) after
+    them: a forward pass over all T (the positions past `used` are overwritten before any
+    query reads them)."""
+    logits_1xTxV, vars_ = model.apply(
+        {"params": params, "cache": empty_cache(model, tokens_1xT[:, :1])}, tokens_1xT,
+        decode=True, mutable=["cache"])
+    cache = vars_["cache"]
+    cache = {**cache, "trunk": {**cache["trunk"], "index": jnp.full((1,), used, jnp.int32)}}
+    return cache, logits_1xTxV[0, used - 1]
+
+
+def _put_row(rows: Rows, slot, cache_1, logits_V, window_W) -> Rows:
+    """`rows` with row `slot`'s cache, logits and window replaced."""
+    put = lambda many, one: jax.lax.dynamic_update_slice_in_dim(many, one, slot, axis=0)
+    return rows.replace(cache=jax.tree.map(put, rows.cache, cache_1),
+                        logits_BxV=rows.logits_BxV.at[slot].set(logits_V),
+                        window_BxW=rows.window_BxW.at[slot].set(window_W))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefill(params, tokens_1xT, used, *, model):
+    return _row_cache(model, params, tokens_1xT, used)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _place(rows: Rows, slot, cache_1, logits_V, window_W, key, temperature, top_p, left):
+    rows = _put_row(rows, slot, cache_1, logits_V, window_W)
+    return rows.replace(keys_Bx2=rows.keys_Bx2.at[slot].set(key),
+                        temperature_B=rows.temperature_B.at[slot].set(temperature),
+                        top_p_B=rows.top_p_B.at[slot].set(top_p),
+                        left_B=rows.left_B.at[slot].set(left))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _finish(rows: Rows, finished_B):
+    return rows.replace(left_B=jnp.where(finished_B, 0, rows.left_B))
+
+
+def _draw(rows: Rows, keys_B, live_B, top_k: int):
+    """Each row's next token; the sort of the nucleus and the draw itself only run when some
+    live row needs them (greedy decoding takes the argmax alone)."""
+    logits_BxV = rows.logits_BxV
+    greedy = lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    sample = lambda top_p: lambda: sample_logits(
+        logits_BxV, keys_B, rows.temperature_B, top_k, top_p).astype(jnp.int32)
+    drawn = lambda: jax.lax.cond(jnp.any(live_B & (rows.top_p_B < 1)), sample(rows.top_p_B),
+                                 sample(None))
+    return jax.lax.cond(jnp.all(~live_B | (rows.temperature_B == 0)), greedy, drawn)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk"),
+                   donate_argnums=1)
+def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: int | None,
+           max_chunk: int):
+    """Up to `steps` (<= max_chunk) decoding steps of every live row, fewer once none is
+    live: (rows, tokens (B, max_chunk), FREE where a row produced nothing)."""
+    B, W = rows.window_BxW.shape
+    half = max(W // 2, 1)
+    step = lambda cache, ids_Bx1: model.apply({"params": params, "cache": cache}, ids_Bx1,
+                                              decode=True, mutable=["cache"])
+
+    def refill(carry):
+        """Row `b`, the first full one, refilled from its last half-window."""
+        rows, full_B = carry
+        b = jnp.argmax(full_B)
+        cache_1, logits_V = _row_cache(model, params, rows.window_BxW[b, None, :half], half)
+        return _put_row(rows, b, cache_1, logits_V, rows.window_BxW[b]), full_B.at[b].set(False)
+
+    def body(carry):
+        i, rows, out_BxC = carry
+        split_Bx2x2 = jax.vmap(jax.random.split)(rows.keys_Bx2)
+        live_B = rows.left_B > 0
+        token_B = _draw(rows, split_Bx2x2[:, 1], live_B, top_k)
+        ended_B = live_B & (token_B == end_id) if end_id is not None else jnp.zeros_like(live_B)
+        emit_B = live_B & ~ended_B
+        out_BxC = out_BxC.at[:, i].set(jnp.where(emit_B, token_B, FREE))
+        left_B = jnp.where(emit_B, rows.left_B - 1, 0)
+        go_B = left_B > 0  # rows that go on read the token back
+        index_B = rows.cache["trunk"]["index"]
+        full_B = go_B & (index_B >= W)
+        logits_Bx1xV, vars_ = step(rows.cache, token_B[:, None])
+        # Rows that stopped, or whose cache was full, keep their index (a full one is
+        # refilled below); the others hold one more position.
+        cache = vars_["cache"]
+        cache = {**cache, "trunk": {**cache["trunk"],
+                                    "index": jnp.where(go_B & ~full_B, index_B + 1, index_B)}}
+        at_BxW = jnp.arange(W)[None, :] == index_B[:, None]
+        slid_BxW = jnp.concatenate([rows.window_BxW[:, W - half + 1:], token_B[:, None],
+                                    jnp.zeros((B, W - half), jnp.int32)], axis=1)
+        window_BxW = jnp.where((go_B & ~full_B)[:, None] & at_BxW, token_B[:, None],
+                               rows.window_BxW)
+        rows = rows.replace(
+            cache=cache, keys_Bx2=split_Bx2x2[:, 0], left_B=left_B,
+            logits_BxV=jnp.where(go_B[:, None], logits_Bx1xV[:, 0], rows.logits_BxV),
+            window_BxW=jnp.where(full_B[:, None], slid_BxW, window_BxW))
+        rows, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), refill, (rows, full_B))
+        return i + 1, rows, out_BxC
+
+    out = jnp.full((B, max_chunk), FREE, jnp.int32)
+    _, rows, out = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & jnp.any(c[1].left_B > 0), body, (jnp.int32(0), rows, out))
+    return rows, out
+
+
+def _bucket(n: int, top: int) -> int:
+    """The prefill length for an n-token prompt: the next power of two (at least 8), at most
+    `top`, so that few lengths compile."""
+    return min(max(8, 1 << (n - 1).bit_length()), top)
+
+
+class Decoder:
+    """B rows of one model decoded together, a compiled chunk of steps per `advance`.
 
     Args:
-      buffer: (B, P, ...) array; positions [0, length) hold the prompt (of the first `width`,
-        a static size, the rest ignored), and each new value is written at the next position.
-      length: positions of prompt (an int32 scalar, may be traced).
-      draw: (model output at the newest position (B, O), rng key) -> the next value (B, ...).
-      inputs_at: (buffer, start, n) -> the model's inputs for positions [start, start + n).
-      window: positions the cache holds; once full it is refilled from the last half-window
-        (absolute positions cannot slide inside a cache), one prefill per half-window.
+      rows: B, the rows decoded at once.
+      top_k: sample among the k likeliest tokens (0: all), for every row.
+      end_id: a token that ends a row when drawn (not emitted); None: none does.
+      max_chunk: most steps per call; chunk_seconds: aim of each call's duration (the steps
+        per call adapt to it, so a slow model still streams often and a fast one pays one
+        call per max_chunk steps); None: always max_chunk steps.
     """
-    half = max(window // 2, 1)
-    step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
-                                        mutable=["cache"])
 
-    def prefill(buffer, start, n, used):
-        """A fresh cache of positions [start, start + used) (inputs read: n >= used), and the
-        output at the last of them."""
-        x = inputs_at(buffer, start, n)
-        out, vars_ = step(empty_cache(model, x[:, :1]), x)
-        trunk = {**vars_["cache"]["trunk"], "index": jnp.asarray(used, jnp.int32)}
-        return {**vars_["cache"], "trunk": trunk}, out[:, used - 1]
+    def __init__(self, model: nn.Module, params, *, rows: int, top_k: int = 0,
+                 end_id: int | None = None, max_chunk: int = 64,
+                 chunk_seconds: float | None = 0.05):
+        self.model, self.params = model, params
+        self.size, self.width = rows, model.config.max_len
+        self._static = dict(model=model, top_k=top_k, end_id=end_id, max_chunk=max_chunk)
+        self._chunk_seconds = chunk_seconds
+        self._steps = max_chunk if chunk_seconds is None else 1
+        cache = empty_cache(model, jnp.zeros((rows, 1), jnp.int32))
+        self._rows = Rows(cache=cache,
+                          logits_BxV=jnp.zeros((rows, model.config.outputs), jnp.float32),
+                          window_BxW=jnp.zeros((rows, self.width), jnp.int32),
+                          keys_Bx2=jnp.zeros((rows, 2), jnp.uint32),
+                          temperature_B=jnp.ones((rows,), jnp.float32),
+                          top_p_B=jnp.ones((rows,), jnp.float32),
+                          left_B=jnp.zeros((rows,), jnp.int32))
+        self.left = np.zeros(rows, np.int64)  # the host's copy after each call
 
-    def body(carry, i):
-        cache, out, buffer, rng = carry
-        rng, key = jax.random.split(rng)
-        value = draw(out, key)
-        at = length + i
-        buffer = jax.lax.dynamic_update_slice(
-            buffer, value[:, None].astype(buffer.dtype), (0, at) + (0,) * (buffer.ndim - 2))
+    def context(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """The ids a row starts from: the prompt, or the last half-window of a prompt longer
+        than the window (as the sliding window would keep)."""
+        prompt = np.asarray(prompt_ids, np.int32)
+        if prompt.ndim != 1 or len(prompt) == 0:
+            raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
+        return prompt[-max(self.width // 2, 1):] if len(prompt) > self.width else prompt
 
-        def advance(_):
-            out, vars_ = step(cache, inputs_at(buffer, at, 1))
-            return vars_["cache"], out[:, -1]
+    def place(self, slots: Sequence[int], prompt_ids: Sequence[int], keys, *,
+              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
+        """Start rows `slots` (free ones) from one prompt, one prefill for all of them; row i
+        draws with keys[i] (a (len(slots), 2) array)."""
+        prompt = self.context(prompt_ids)
+        tokens = np.zeros((1, _bucket(len(prompt), self.width)), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        cache_1, logits_V = _prefill(self.params, jnp.asarray(tokens), len(prompt),
+                                     model=self.model)
+        window = np.zeros(self.width, np.int32)
+        window[:len(prompt)] = prompt
+        for slot, key in zip(slots, np.asarray(keys)):
+            self._rows = _place(self._rows, slot, cache_1, logits_V, window, key,
+                                np.float32(temperature), np.float32(top_p),
+                                np.int32(max_new_tokens))
+            self.left[slot] = max_new_tokens
 
-        slide = lambda _: prefill(buffer, at + 1 - half, half, half)
-        cache, out = jax.lax.cond(cache["trunk"]["index"] >= window, slide, advance, None)
-        return (cache, out, buffer, rng), value
+    def finish(self, slots: Iterable[int]) -> None:
+        """End rows `slots` now (their slots become free)."""
+        finished = np.zeros(self.size, bool)
+        finished[list(slots)] = True
+        if finished.any():
+            self._rows = _finish(self._rows, finished)
+            self.left[finished] = 0
 
-    cache, out = prefill(buffer, 0, width, length)
-    return jax.lax.scan(body, (cache, out, buffer, rng), jnp.arange(count))[1]
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy",
-                                             "nucleus"))
-def _generate(params, context_BxW, length, rng, temperature, top_p, *, model: nn.Module,
-              max_new_tokens: int, top_k: int, greedy: bool, nucleus: bool):
-    """New tokens (B, max_new_tokens) after the first `length` tokens of `context_BxW`;
-    `greedy` (temperature 0) and `nucleus` (top_p < 1) leave out what is not needed: greedy
-    decoding neither sorts nor draws, a fifth of a small model's cached step."""
-    B, W = context_BxW.shape
-    text_BxL = jnp.concatenate([context_BxW, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
-    if greedy:
-        draw = lambda logits_BxV, key: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    else:
-        draw = lambda logits_BxV, key: sample_logits(logits_BxV, key, temperature, top_k,
-                                                     top_p if nucleus else None)
-    tokens_NxB = autoregress(
-        model, params, text_BxL, length, rng, count=max_new_tokens, width=W, window=W,
-        draw=draw,
-        inputs_at=lambda text, start, n: jax.lax.dynamic_slice_in_dim(text, start, n, axis=1))
-    return tokens_NxB.T
+    def advance(self) -> np.ndarray:
+        """One compiled chunk: the tokens (B, C) it produced, FREE where a row produced none;
+        `left` then says which rows go on."""
+        began = time.perf_counter()
+        self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps),
+                                 **self._static)
+        out, self.left = np.asarray(out), np.asarray(self._rows.left_B)
+        if self._chunk_seconds is not None:
+            spent = max(time.perf_counter() - began, 1e-6)
+            aim = self._steps * self._chunk_seconds / spent
+            self._steps = int(np.clip(aim, 1, self._static["max_chunk"]))
+        return out
 
 
 def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_samples: int = 1) -> np.ndarray:
-    """Continue `prompt_ids` (a non-empty sequence of ids) `num_samples` times.
+    """Continue `prompt_ids` (a non-empty sequence of ids) `num_samples` times, sample i with
+    key i of `jax.random.split(rng, num_samples)`.
 
     The last `max_len` tokens at most are kept as context (a longer prompt keeps its last
     half-window, as the sliding window does).
@@ -138,41 +302,218 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
     Returns:
       int32 array (num_samples, max_new_tokens) of new token ids.
     """
-    W = model.config.max_len
-    prompt = np.asarray(prompt_ids, dtype=np.int32)
-    if prompt.ndim != 1 or len(prompt) == 0:
-        raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
     check_arguments(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, num_samples=num_samples, vocab_size=model.config.vocab_size)
-    if len(prompt) > W:
-        prompt = prompt[-max(W // 2, 1):]
-    context = np.zeros((num_samples, W), np.int32)
-    context[:, :len(prompt)] = prompt
+    decoder = Decoder(model, params, rows=num_samples, top_k=top_k,
+                      max_chunk=max(min(max_new_tokens, 256), 1), chunk_seconds=None)
+    decoder.context(prompt_ids)
     if max_new_tokens == 0:
         return np.zeros((num_samples, 0), np.int32)
-    tokens = _generate(params, jnp.asarray(context), jnp.int32(len(prompt)), rng,
-                       jnp.float32(temperature), jnp.float32(top_p), model=model,
-                       max_new_tokens=max_new_tokens, top_k=top_k, greedy=temperature == 0,
-                       nucleus=top_p < 1)
-    return np.asarray(tokens)
+    decoder.place(range(num_samples), prompt_ids, jax.random.split(rng, num_samples),
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    rows = [[] for _ in range(num_samples)]
+    while decoder.left.any():
+        for row, new in zip(rows, decoder.advance()):
+            row.extend(new[new != FREE])
+    return np.asarray(rows, np.int32)
+
+
+class TextStream:
+    """One sample's text as its tokens come: `push(ids)` returns the new text that is final.
+
+    It ends at the first of `stops` (which is not returned): text that could still turn into
+    a stop string is held back until it cannot, and `stopped` then says so. `close()`
+    returns what was held back once no more tokens come.
+    """
+
+    def __init__(self, decode: Callable[..., str], stops: Sequence[str] = ()):
+        """`decode(ids, final=False)`: the text of more ids (a tokenizer's
+        `incremental_decoder()`, which may hold back an incomplete character until `final`)."""
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        self._decode, self._stops = decode, tuple(stops)
+        self._hold = max(map(len, self._stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        text = self._pending + self._decode(ids, final=final)
+        found = [at for at in (text.find(s) for s in self._stops) if at >= 0]
+        if found:
+            self.stopped, self._pending = True, ""
+            return text[:min(found)]
+        keep = 0 if final else min(self._hold, len(text))
+        self._pending = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def close(self) -> str:
+        return self.push((), final=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one request samples: `n` samples of at most `max_new_tokens` tokens each, sample i
+    drawing with key i of `jax.random.split(PRNGKey(seed), n)` (so a request's text does not
+    depend on what it shares a batch with), ending at the first of `stops`."""
+
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+    stops: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class Job:
+    """A request being answered: its rows' slots, their text streams, the tokens each
+    produced and why each finished ("stop": an end symbol or a stop string; "length")."""
+
+    settings: Settings
+    prompt_tokens: int
+    slots: list[int]
+    streams: list[TextStream]
+    produced: list[int] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of sample `index` of `job`; `finish` is set on its last piece."""
+
+    job: Job
+    index: int
+    text: str
+    finish: str | None = None
+
+
+class Sampler:
+    """Text in, text out, over a `Decoder`: `start` places a request's samples in free rows,
+    `step` advances every row by one chunk and returns the new text as `Piece`s.
+
+    The model ends a sample at the tokenizer's end symbol (`ignore_end`: never), so a
+    model trained with start and end symbols stops where its texts did, GPT-2 at
+    `<|endoftext|>`. `add_start`: every prompt begins with the start symbol (a model trained
+    on stream batching saw one before every text); an empty prompt always does.
+    """
+
+    def __init__(self, model: nn.Module, params, tokenizer, *, rows: int = 1, top_k: int = 0,
+                 add_start: bool = False, ignore_end: bool = False, **decoder_options):
+        self.tokenizer, self.add_start = tokenizer, add_start
+        end_id = None if ignore_end else tokenizer.end_id
+        self.decoder = Decoder(model, params, rows=rows, top_k=top_k, end_id=end_id,
+                               **decoder_options)
+        self._jobs: dict[int, tuple[Job, int]] = {}  # slot -> (job, sample index)
+
+    @property
+    def free(self) -> int:
+        return self.decoder.size - len(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def encode(self, prompt: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(prompt, add_start=self.add_start or not prompt),
+                          np.int32)
+
+    def start(self, prompt: str, settings: Settings) -> Job:
+        """Place `settings.n` samples of `prompt` (ValueError if fewer rows are free)."""
+        if settings.n > self.free:
+            raise ValueError(f"{settings.n} samples need as many free rows; {self.free} are")
+        ids = self.encode(prompt)
+        slots = [s for s in range(self.decoder.size) if s not in self._jobs][:settings.n]
+        streams = [TextStream(self.tokenizer.incremental_decoder(), settings.stops)
+                   for _ in slots]
+        job = Job(settings, len(ids), slots, streams, [0] * len(slots), [None] * len(slots))
+        if settings.max_new_tokens == 0:
+            job.finish_reasons[:] = ["length"] * len(slots)
+            return job
+        keys = jax.random.split(jax.random.PRNGKey(settings.seed), settings.n)
+        self.decoder.place(slots, ids, keys, max_new_tokens=settings.max_new_tokens,
+                           temperature=settings.temperature, top_p=settings.top_p)
+        self._jobs.update({slot: (job, i) for i, slot in enumerate(slots)})
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop every sample of `job` now, freeing its rows."""
+        self._release([s for s in job.slots if self._jobs.get(s, (None,))[0] is job])
+        job.finish_reasons[:] = [r or "cancelled" for r in job.finish_reasons]
+
+    def _release(self, slots: list[int]) -> None:
+        self.decoder.finish(slots)
+        for slot in slots:
+            del self._jobs[slot]
+
+    def step(self) -> list[Piece]:
+        """Advance every row one chunk: the new text of each sample that has some, and the
+        last piece of each sample that finished."""
+        tokens_BxC = self.decoder.advance()
+        pieces, stopped = [], []
+        for slot, (job, i) in list(self._jobs.items()):
+            ids = tokens_BxC[slot][tokens_BxC[slot] != FREE]
+            stream = job.streams[i]
+            text = stream.push(ids.tolist())
+            job.produced[i] += len(ids)
+            finish = None
+            if stream.stopped:
+                finish = "stop"
+                stopped.append(slot)
+            elif self.decoder.left[slot] == 0:
+                full = job.produced[i] == job.settings.max_new_tokens
+                finish = "length" if full else "stop"
+                text += stream.close()
+                del self._jobs[slot]
+            if finish:
+                job.finish_reasons[i] = finish
+            if text or finish:
+                pieces.append(Piece(job, i, text, finish))
+        self._release(stopped)
+        return pieces
+
+    def run(self, job: Job) -> Iterator[Piece]:
+        """Step until `job` is done, yielding its pieces (and dropping other jobs' pieces)."""
+        while not job.done:
+            yield from (p for p in self.step() if p.job is job)
 
 
 def complete(config, tokenizer, params, prompt: str, *, max_new_tokens: int, seed: int = 0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             num_samples: int = 1, warn=None) -> list[str]:
+             num_samples: int = 1, stops: Sequence[str] = (), warn=None) -> list[str]:
     """Text samples: the prompt followed by its continuation, as the lecture's `sample`.
 
     An empty prompt starts from the start symbol, and so does every prompt of a model trained
     with start symbols (stream batching). Characters the model never saw map to the unknown
     id, after a call to `warn` naming them.
     """
+    sampler = text_sampler(config, tokenizer, params, rows=num_samples, top_k=top_k)
+    warn_unseen(tokenizer, prompt, warn)
+    job = sampler.start(prompt, Settings(max_new_tokens, temperature, top_p, num_samples, seed,
+                                         tuple(stops)))
+    texts = [prompt] * num_samples
+    for piece in sampler.run(job):
+        texts[piece.index] += piece.text
+    return texts
+
+
+def text_sampler(config, tokenizer, params, *, rows: int = 1, top_k: int = 0,
+                 ignore_end: bool = False, **decoder_options) -> Sampler:
+    """A `Sampler` of a trained text model (config: its `Config`), prompts read as it was
+    trained."""
+    return Sampler(Transformer(config.model), params, tokenizer, rows=rows, top_k=top_k,
+                   add_start=config.train.batching == "stream", ignore_end=ignore_end,
+                   **decoder_options)
+
+
+def warn_unseen(tokenizer, prompt: str, warn) -> None:
+    """Call `warn` naming the characters of `prompt` the model never saw (read as unknown)."""
     unseen = tokenizer.unknown_chars(prompt)
     if unseen and warn is not None:
         warn(f"the model never saw {', '.join(map(repr, unseen))}; "
              "they are read as the unknown symbol")
-    add_start = config.train.batching == "stream" or not prompt
-    ids = tokenizer.encode(prompt, add_start=add_start)
-    new = generate(Transformer(config.model), params, ids, max_new_tokens=max_new_tokens,
-                   rng=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
-                   top_p=top_p, num_samples=num_samples)
-    return [prompt + tokenizer.decode(row, skip_specials=True) for row in new]

@@ -106,6 +106,11 @@ class CharTokenizer:
         return "".join(symbols[i] for i in map(int, ids)
                        if not (skip_specials and i >= len(self.chars)))
 
+    def incremental_decoder(self):
+        """`decode(ids, final=False)` of successive pieces of one sequence, specials dropped
+        (every id is a whole character, so nothing is ever held back)."""
+        return lambda ids, final=False: self.decode(ids, skip_specials=True)
+
     def cut(self, text: str) -> int:
         """Where `text` may be cut so that its two parts encode to the ids of the whole, however
         it continues: anywhere, for characters (the end)."""
