@@ -4,6 +4,11 @@ Run by hand, by a given version of the code, to pin down what its run directorie
 
     python tests/make_run_fixtures.py
 
+When what sample.py or forecast.py prints changes on purpose (another sampler, say), record
+what the current code prints for the committed directories, which stay as they are:
+
+    python tests/make_run_fixtures.py --printed-only
+
 Trains, with train.py's own entry point, a character model, a GPT-2 transfer run of each
 fine-tuning mode (on the tiny GPT-2 fixture) and a Gaussian series model, keeping one
 checkpoint each; then records in expected.json what sample.py and forecast.py print for them.
@@ -78,17 +83,23 @@ def printed(main, argv: list[str]) -> str:
                    if not line.startswith(("picture:", "no picture:")))
 
 
-def main() -> None:
+def main(printed_only: bool = False) -> None:
     from transformer_jax import cli
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    (OUT / "corpus.txt").write_text(corpus())
-    (OUT / "series.csv").write_text(series_csv())
+    if printed_only:
+        base = json.loads((OUT / "expected.json").read_text())["base_model"]
+        if base != str(GPT2):
+            sys.exit(f"the transfer runs name {base}: run this from that checkout")
+    else:
+        shutil.rmtree(OUT, ignore_errors=True)
+        OUT.mkdir(parents=True)
+        (OUT / "corpus.txt").write_text(corpus())
+        (OUT / "series.csv").write_text(series_csv())
     expected = {}
     with contextlib.chdir(OUT):
         for name, argv in TRAIN.items():
-            printed(cli.train_main, ["--run-dir", name, *argv])
+            if not printed_only:
+                printed(cli.train_main, ["--run-dir", name, *argv])
             for extra in ("metrics.jsonl", "loss.png", "validation.json", "forecast.png"):
                 (Path(name) / extra).unlink(missing_ok=True)
             calls = FORECAST if name == "series" else SAMPLE
@@ -102,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(printed_only="--printed-only" in sys.argv[1:])

@@ -7,8 +7,10 @@ Precedence: preset, then --config file, then explicit flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -233,7 +235,9 @@ def _resume_command() -> str:
 def sample_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sample.py", formatter_class=_Help,
-        description="Print text sampled from a trained run: the prompt, then its continuation.")
+        description="Print text sampled from a trained run as it is produced: the prompt, then "
+                    "its continuation. Several samples are printed whole, one after another "
+                    "(each next one carries on live once those before it are done).")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
     p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (the lowest "
                    "validation loss, kept by train.py --keep-best); default: the newest "
@@ -243,8 +247,19 @@ def sample_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (empty: start symbol)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    prompt.add_argument("--interactive", action="store_true",
+                        help="load and compile once, then answer prompts read from standard "
+                             "input one after another (a '>>> ' prompt with line editing on a "
+                             "terminal, one prompt per line when piped); Ctrl-C stops an "
+                             "answer, Ctrl-D exits; the i-th prompt samples with --seed + i")
     p.add_argument("--max-new-tokens", type=int, default=500,
                    help="tokens to generate (characters, or GPT-2 tokens)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a sample at the first occurrence of STR, which is not printed "
+                        "(repeatable: the first of any)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end symbol (GPT-2: <|endoftext|>) instead of ending "
+                        "the sample there")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature; 0 is greedy (always the likeliest character)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
@@ -260,13 +275,14 @@ def _sample(argv: list[str] | None) -> None:
     from transformer_jax import parallel, sampling
 
     parallel.use_compile_cache()
-
     try:  # a larger --top-k than the vocabulary means all of it (clamped below)
         sampling.check_arguments(max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, num_samples=args.num_samples)
     except ValueError as e:
         raise UserError(f"--{str(e).split('=')[0].replace('_', '-')}: {e}") from None
+    if "" in args.stop:
+        raise UserError("--stop: a stop string must not be empty")
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -274,25 +290,106 @@ def _sample(argv: list[str] | None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
                             f"({e.__class__.__name__})") from None
-    if args.model and args.step is not None:
+    config, tokenizer, params = text_model(args.run_dir, args.step, args.model)
+    sampler = sampling.text_sampler(config, tokenizer, params, rows=args.num_samples,
+                                    top_k=min(args.top_k, tokenizer.vocab_size),
+                                    ignore_end=args.ignore_eos)
+    settings = lambda seed: sampling.Settings(args.max_new_tokens, args.temperature,
+                                              args.top_p, args.num_samples, seed,
+                                              tuple(args.stop))
+    if not args.interactive:
+        _print_samples(sampler, prompt, settings(args.seed))
+        return
+    for i, line in enumerate(_prompts()):
+        with _stop_on_ctrl_c() as stopped:
+            _print_samples(sampler, line, settings(args.seed + i), stopped)
+
+
+def text_model(run_dir: str, step: int | str | None, model: str | None):
+    """(config, tokenizer, params) of the text model of `run_dir` (its checkpoint `step`), or
+    of the pretrained GPT-2 `model` as it is."""
+    if model and step is not None:
         raise UserError("--step picks a checkpoint of --run-dir; a --model has none")
-    if args.model:
+    if model:
         from transformer_jax import gpt2
 
-        model, params, tokenizer = gpt2.from_pretrained(args.model)
-        config = config_lib.Config(model=model.config)
-    else:
-        trained = _load(args.run_dir, args.step, "sample")
-        config, tokenizer, params = trained.config, trained.tokenizer, trained.params
-    samples = sampling.complete(config, tokenizer, params, prompt,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                temperature=args.temperature,
-                                top_k=min(args.top_k, tokenizer.vocab_size), top_p=args.top_p,
-                                num_samples=args.num_samples, warn=_warn)
-    for i, sample in enumerate(samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(sample)
+        model, params, tokenizer = gpt2.from_pretrained(model)
+        return config_lib.Config(model=model.config), tokenizer, params
+    trained = _load(run_dir, step, "sample")
+    return trained.config, trained.tokenizer, trained.params
+
+
+def _print_samples(sampler, prompt: str, settings, stopped=lambda: False) -> None:
+    """Stream the samples of `prompt` to standard output, sample 0 as it comes, each next one
+    from where it is once those before it are done (its text so far held meanwhile); end
+    them all early once `stopped()`."""
+    from transformer_jax import sampling
+
+    sampling.warn_unseen(sampler.tokenizer, prompt, _warn)
+    job = sampler.start(prompt, settings)
+    n = settings.n
+    held, done = [prompt] * n, [reason is not None for reason in job.finish_reasons]
+    shown = 0  # the sample being printed live
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def next_sample() -> None:
+        nonlocal shown
+        while shown < n:
+            show(("" if shown == 0 else "\n") + (f"--- sample {shown + 1} ---\n" if n > 1 else "")
+                 + held[shown])
+            if not done[shown]:
+                return
+            shown += 1
+
+    next_sample()
+    while not job.done:
+        if stopped():
+            sampler.cancel(job)
+            break
+        for piece in sampler.step():
+            if piece.index == shown:
+                show(piece.text)
+            else:
+                held[piece.index] += piece.text
+            done[piece.index] = piece.finish is not None
+            if done[shown]:
+                shown += 1
+                next_sample()
+    show("\n")
+
+
+def _prompts():
+    """Prompts read from standard input until its end: after a '>>> ' prompt with readline's
+    line editing on a terminal, else one per line. Ctrl-C at the prompt asks again."""
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401  (input() then edits lines and keeps a history)
+    while True:
+        try:
+            line = input(">>> ") if tty else sys.stdin.readline()
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not (tty or line):  # the end of piped input
+            return
+        yield line.rstrip("\n")
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """Within: Ctrl-C (SIGINT) sets a flag instead of raising, so an answer ends between two
+    compiled chunks, never inside one; yields a function that says whether it came."""
+    came = []
+    previous = signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def forecast_parser() -> argparse.ArgumentParser:

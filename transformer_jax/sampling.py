@@ -282,7 +282,7 @@ class Decoder:
         began = time.perf_counter()
         self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps),
                                  **self._static)
-        out, self.left = np.asarray(out), np.asarray(self._rows.left_B)
+        out, self.left = np.asarray(out), np.array(self._rows.left_B)
         if self._chunk_seconds is not None:
             spent = max(time.perf_counter() - began, 1e-6)
             aim = self._steps * self._chunk_seconds / spent
