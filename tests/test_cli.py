@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,80 @@ def test_sample_cli_samples_the_checkpoint_of_a_given_step(trained, sampled):
     assert_user_error(run_script("sample.py", *args, "--step", "15"), "--step", "10, 20")
     assert_user_error(run_script("sample.py", "--model", run_dir, "--step", "10"), "--step",
                       "--model")
+
+
+def _sample_proc(run_dir, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", "--run-dir", str(run_dir), *args],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _read_until(stream, wanted: str, timeout: float = 120) -> str:
+    """What `stream` gives until `wanted` appears (bounded by `timeout` seconds)."""
+    got, deadline = "", time.monotonic() + timeout
+    while wanted not in got:
+        assert time.monotonic() < deadline, f"no {wanted!r} after {timeout} s: {got!r}"
+        ready, _, _ = select.select([stream], [], [], 1.0)
+        if ready:
+            char = stream.read(1)
+            assert char, f"the stream ended before {wanted!r}: {got!r}"
+            got += char
+    return got
+
+
+def test_sample_cli_streams_text_long_before_it_is_done(trained):
+    """A million tokens take minutes; their first ones show within seconds of start-up."""
+    proc = _sample_proc(trained[0], "--prompt", "To be", "--max-new-tokens", "1000000",
+                        "--ignore-eos")
+    try:
+        shown = _read_until(proc.stdout, "To be")
+        shown += proc.stdout.read(40)
+        assert proc.poll() is None and len(shown) >= 45
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_sample_cli_stops_at_a_stop_string_it_does_not_print(trained):
+    run_dir, _ = trained
+    args = ("--run-dir", run_dir, "--prompt", "To be", "--max-new-tokens", "60", "--seed", "1",
+            "--ignore-eos")
+    whole = run_script("sample.py", *args).stdout[:-1]
+    stop = whole[len("To be") + 10:][:2]
+    cut = run_script("sample.py", *args, "--stop", "qqq", "--stop", stop)
+    assert cut.returncode == 0, cut.stderr
+    assert cut.stdout == whole[:whole.index(stop, len("To be"))] + "\n"
+
+
+def test_sample_cli_interactive_answers_each_piped_line_as_a_seeded_run(trained):
+    """--interactive reads one prompt per line until the input ends; the i-th answer is what
+    sample.py prints for that prompt with --seed + i."""
+    run_dir, _ = trained
+    args = ("--run-dir", run_dir, "--max-new-tokens", "25", "--seed", "4")
+    proc = subprocess.run([sys.executable, "sample.py", *map(str, args), "--interactive"],
+                          cwd=REPO, input="To be\nthe\n", capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    want = "".join(run_script("sample.py", *args[:-1], str(4 + i), "--prompt", prompt).stdout
+                   for i, prompt in enumerate(["To be", "the"]))
+    assert proc.stdout == want
+
+
+def test_sample_cli_interactive_ctrl_c_ends_the_answer_and_the_next_prompt_is_answered(trained):
+    proc = _sample_proc(trained[0], "--interactive", "--max-new-tokens", "1000000",
+                        "--ignore-eos")
+    try:
+        proc.stdin.write("To be\nXYZ\n")
+        proc.stdin.flush()
+        _read_until(proc.stdout, "To be")
+        proc.send_signal(signal.SIGINT)
+        _read_until(proc.stdout, "\nXYZ")  # the first answer ended, the next one began
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # closes the input: it exits
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
 
 
 def test_sample_cli_warns_about_an_unseen_prompt_character(trained):
@@ -286,7 +363,8 @@ def test_train_help_lists_every_flag():
 @pytest.mark.parametrize("script,parser,flags", [
     ("sample.py", cli.sample_parser, {"--run-dir", "--step", "--prompt", "--prompt-file",
                                       "--max-new-tokens", "--temperature", "--top-k", "--top-p",
-                                      "--seed", "--num-samples"}),
+                                      "--seed", "--num-samples", "--stop", "--ignore-eos",
+                                      "--interactive"}),
     ("forecast.py", cli.forecast_parser, {"--run-dir", "--step", "--data", "--horizon",
                                           "--origin", "--samples", "--interval", "--seed"}),
     ("evaluate.py", cli.evaluate_parser, {"--run-dir", "--model", "--step", "--data",

@@ -135,6 +135,31 @@ def test_a_cut_text_encodes_in_two_parts_to_the_ids_of_the_whole(pretrained, tex
         tokenizer.encode(whole)
 
 
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=_CUT_ALPHABET + "ü€😀", max_size=40),
+       cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_incremental_decoding_of_any_split_of_the_ids_is_the_whole_decode(pretrained, text, cuts):
+    """Streaming decodes a sample's ids a chunk at a time; a chunk may end inside a
+    character's UTF-8 bytes (the tiny vocabulary spells most non-ASCII characters in several
+    byte tokens), which must then wait for the rest: the pieces join to Hugging Face's decode
+    of the whole (special tokens dropped)."""
+    tokenizer = pretrained[2]
+    ids = tokenizer.encode(text)
+    points = sorted({0, len(ids), *(c % (len(ids) + 1) for c in cuts)})
+    decode = tokenizer.incremental_decoder()
+    pieces = [decode(ids[a:b]) for a, b in zip(points, points[1:])] + [decode([], final=True)]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_specials=True)
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_an_unfinished_character_shows_as_a_replacement_at_the_end(pretrained):
+    tokenizer = pretrained[2]
+    ids = tokenizer.encode("a😀")
+    assert len(ids) > 2  # the emoji is spelled in byte tokens
+    decode = tokenizer.incremental_decoder()
+    assert decode(ids[:-1]) == "a" and decode([], final=True) == "\ufffd"
+
+
 def test_every_parameter_matters(pretrained):
     """Zeroing any one tensor (a layer norm scale: setting it to 1) moves the logits far beyond
     the tolerance, so the equality tests above would catch a dropped or misplaced tensor."""

@@ -16,7 +16,16 @@ from hypothesis import given, settings, strategies as st
 
 from transformer_jax.config import Config, TrainConfig
 from transformer_jax.model import Transformer, init_cache
-from transformer_jax.sampling import complete, generate, sample_logits
+from transformer_jax.sampling import (
+    FREE,
+    Decoder,
+    Settings,
+    TextStream,
+    complete,
+    generate,
+    sample_logits,
+    text_sampler,
+)
 from transformer_jax.tokenizer import CharTokenizer
 
 CORPUS = "the cat sat on a mat; 0123!?"  # 17 distinct characters: vocabulary of 21
@@ -389,3 +398,198 @@ def test_property_generate_any_static_arguments_give_right_shape_and_ids_in_rang
                top_p=top_p, num_samples=num_samples, rng=jax.random.PRNGKey(seed))
     assert out.shape == (num_samples, max_new_tokens) and out.dtype == np.int32
     assert ((0 <= out) & (out < CFG.vocab_size)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming decoder: rows, chunks, ends
+
+
+def _decoder(params, rows, **kw):
+    return Decoder(Transformer(CFG), params, rows=rows, **kw)
+
+
+def _drain(decoder) -> list[list[int]]:
+    got = [[] for _ in range(decoder.size)]
+    while decoder.left.any():
+        for row, new in zip(got, decoder.advance()):
+            row.extend(int(t) for t in new[new != FREE])
+    return got
+
+
+def test_rows_of_different_prompts_placed_at_different_times_each_decode_as_if_alone(soft_params):
+    """Continuous batching changes nothing a row sees: prompts of different lengths (one past
+    the window), settings and seeds side by side, one row placed two chunks late, all past
+    several slides of the window, each equal to `generate` of that prompt alone."""
+    asks = [([3, 1, 4], dict(temperature=0.0)),
+            ([2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], dict(temperature=1.0, top_p=0.9)),
+            ([5], dict(temperature=0.7))]
+    alone = [_gen(soft_params, prompt, rng=jax.random.PRNGKey(10 + i), **kw)[0].tolist()
+             for i, (prompt, kw) in enumerate(asks)]
+    decoder = _decoder(soft_params, 4, max_chunk=4, chunk_seconds=None)
+    got = [[] for _ in range(4)]
+
+    def place(i, slot):
+        prompt, kw = asks[i]
+        decoder.place([slot], prompt, jax.random.split(jax.random.PRNGKey(10 + i), 1),
+                      max_new_tokens=N, **kw)
+
+    place(0, 3)
+    place(1, 0)
+    for chunk in range(20):
+        if chunk == 2:
+            place(2, 1)  # slot 2 stays free throughout
+        for row, new in zip(got, decoder.advance()):
+            row.extend(new[new != FREE].tolist())
+    assert [got[3], got[0], got[1]] == alone and got[2] == []
+    assert not decoder.left.any()
+
+
+def test_streamed_chunks_give_the_tokens_of_one_call(soft_params):
+    prompt, rng = [3, 1, 4], jax.random.PRNGKey(2)
+    one_call = _gen(soft_params, prompt, num_samples=2, rng=rng)
+    decoder = _decoder(soft_params, 2, max_chunk=3, chunk_seconds=None)
+    decoder.place([0, 1], prompt, jax.random.split(rng, 2), max_new_tokens=N)
+    assert _drain(decoder) == one_call.tolist()
+
+
+def test_adaptive_chunks_stay_within_bounds_and_lose_no_token(soft_params):
+    decoder = _decoder(soft_params, 1, max_chunk=16, chunk_seconds=1e-9)  # always 1 step
+    decoder.place([0], [3, 1, 4], jax.random.split(jax.random.PRNGKey(2), 1), max_new_tokens=N)
+    first = decoder.advance()
+    assert (first != FREE).sum() == 1
+    rest = _drain(decoder)[0]
+    assert [int(first[0][0]), *rest] == _gen(soft_params, [3, 1, 4],
+                                             rng=jax.random.PRNGKey(2))[0].tolist()
+
+
+def test_a_row_ends_at_the_end_symbol_not_emitting_it_while_another_goes_on(params):
+    prompt = [3, 1, 4]
+    want = reference_greedy(CFG, params, prompt, N)
+    k = next(i for i in range(2, N) if want[i] not in want[:i])  # a token first drawn late
+    end = want[k]
+    decoder = _decoder(params, 2, end_id=end, max_chunk=8, chunk_seconds=None)
+    keys = jax.random.split(jax.random.PRNGKey(0), 1)
+    decoder.place([0], prompt, keys, max_new_tokens=N, temperature=0.0)
+    decoder.place([1], [5], keys, max_new_tokens=N, temperature=0.0)
+    got = _drain(decoder)
+    assert got[0] == want[:k]
+    other = reference_greedy(CFG, params, [5], N)
+    assert got[1] == other[:other.index(end)] if end in other else got[1] == other
+
+
+def test_a_finished_row_stops_changing_and_its_slot_is_free_again(soft_params):
+    decoder = _decoder(soft_params, 2, max_chunk=4, chunk_seconds=None)
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    decoder.place([0, 1], [3, 1, 4], keys, max_new_tokens=N)
+    decoder.advance()
+    decoder.finish([0])
+    assert decoder.left.tolist() == [0, N - 4]
+    out = decoder.advance()
+    assert (out[0] == FREE).all() and (out[1] != FREE).all()
+    decoder.place([0], [2, 2], keys[:1], max_new_tokens=3, temperature=0.0)
+    assert _drain(decoder)[0] == reference_greedy(CFG, soft_params, [2, 2], 3)
+
+
+def test_a_chunk_ends_once_every_row_is_done(soft_params):
+    decoder = _decoder(soft_params, 2, max_chunk=64, chunk_seconds=None)
+    decoder.place([0, 1], [1], jax.random.split(jax.random.PRNGKey(1), 2), max_new_tokens=3)
+    out = decoder.advance()
+    assert out.shape == (2, 64) and (out[:, :3] != FREE).all() and (out[:, 3:] == FREE).all()
+    assert not decoder.left.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# text streams and stop strings
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    return [text[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text("ab c\n", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
+       stops=st.lists(st.text("ab c\n", min_size=1, max_size=3), max_size=3))
+def test_property_a_text_stream_ends_before_the_first_stop_however_the_text_arrives(
+        text, cuts, stops):
+    stream = TextStream(lambda piece, final=False: "".join(piece), stops)
+    out = "".join(stream.push(list(piece)) for piece in _split(text, cuts)) + stream.close()
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    assert out == (text[:min(found)] if found else text)
+    assert stream.stopped == bool(found)
+
+
+def test_a_text_stream_holds_back_only_what_may_begin_a_stop():
+    stream = TextStream(lambda piece, final=False: piece, ["END", "\n\n"])
+    assert stream.push("the E") == "the"  # " E" may begin END
+    assert stream.push("N") == " "
+    assert stream.push("D and more") == "" and stream.stopped
+    assert stream.push("x") == "" and stream.close() == ""
+
+
+def test_an_empty_stop_string_is_refused():
+    with pytest.raises(ValueError, match="stop string"):
+        TextStream(lambda piece, final=False: piece, ["a", ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler: requests of text
+
+
+def _sampler(params, rows=3, **kw):
+    return text_sampler(_config(), TOK, params, rows=rows, **kw)
+
+
+def test_a_request_of_n_samples_is_generate_with_its_seed(soft_params):
+    sampler = _sampler(soft_params)
+    job = sampler.start("a c", Settings(N, 1.0, 1.0, n=3, seed=9))
+    texts = ["", "", ""]
+    for piece in sampler.run(job):
+        texts[piece.index] += piece.text
+    want = _gen(soft_params, TOK.encode("a c"), num_samples=3, rng=jax.random.PRNGKey(9))
+    assert texts == [TOK.decode(row, skip_specials=True) for row in want]
+    assert job.finish_reasons == ["length"] * 3 and job.produced == [N] * 3
+    assert job.prompt_tokens == 3 and not sampler.busy
+
+
+def test_finish_reasons_say_stop_for_a_stop_string_and_the_end_symbol(params):
+    ids = reference_greedy(CFG, params, TOK.encode("cat"), N)
+    greedy = TOK.decode(ids, skip_specials=True)
+    stop = greedy[5:7]
+    sampler = _sampler(params, ignore_end=True)
+    job = sampler.start("cat", Settings(N, 0.0, stops=(stop,)))
+    text = "".join(p.text for p in sampler.run(job))
+    assert text == greedy[:greedy.find(stop)] and job.finish_reasons == ["stop"]
+    assert sampler.free == 3  # a stopped row's slot is released
+
+    class EndsAt:  # TOK, but its end symbol is a token these weights draw
+        end_id = next(t for i, t in enumerate(ids) if i > 1 and t not in ids[:i])
+
+        def __getattr__(self, name):
+            return getattr(TOK, name)
+
+    sampler = text_sampler(_config(), EndsAt(), params)
+    job = sampler.start("cat", Settings(N, 0.0))
+    text = "".join(p.text for p in sampler.run(job))
+    assert text == TOK.decode(ids[:ids.index(EndsAt.end_id)], skip_specials=True)
+    assert job.finish_reasons == ["stop"] and job.produced == [ids.index(EndsAt.end_id)]
+
+
+def test_a_cancelled_job_frees_its_rows_and_others_go_on(soft_params):
+    sampler = _sampler(soft_params, rows=3, ignore_end=True)
+    a = sampler.start("a", Settings(N, 1.0, n=2, seed=1))
+    with pytest.raises(ValueError, match="free rows"):
+        sampler.start("b", Settings(N, n=2))
+    b = sampler.start("b", Settings(N, 1.0, seed=2))
+    text = "".join(p.text for p in sampler.step() if p.job is b)
+    sampler.cancel(a)
+    assert sampler.free == 2 and a.done and a.finish_reasons == ["cancelled"] * 2
+    text += "".join(p.text for p in sampler.run(b))
+    want = _gen(soft_params, TOK.encode("b"), rng=jax.random.PRNGKey(2))
+    assert text == TOK.decode(want[0], skip_specials=True) and b.finish_reasons == ["length"]
+
+
+def test_zero_new_tokens_is_done_at_once(params):
+    sampler = _sampler(params)
+    job = sampler.start("cat", Settings(0))
+    assert job.done and job.finish_reasons == ["length"] and not sampler.busy
