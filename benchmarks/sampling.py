@@ -1,23 +1,33 @@
-"""Sampling speed: key/value cache versus recomputing the whole context for every token.
+"""Sampling speed: streamed chunks versus one call, and the key/value cache versus recomputing
+the whole context for every token; with --memory, sample.py's peak memory against the length.
 
-    python benchmarks/sampling.py --data ../shared/data/tinyshakespeare.txt
+    python benchmarks/sampling.py --data ../shared/data/tinyshakespeare.txt [--memory]
 
-Both decoders run the `default` preset's model (context 256, random weights: speed does not
-depend on them) compiled as one call each, from a 1-token prompt to 1,000 new tokens, so the
-window slides several times. Recompute is what the lecture and nanoGPT do: a full forward
+Every decoder runs the `default` preset's model (context 256, random weights: speed does not
+depend on them), from a 1-token prompt to 1,000 new tokens, so the window slides several
+times. `cache` is one compiled call for the whole continuation (what sample.py did before it
+streamed); `stream` is sample.py's decoder as it is, compiled chunks of steps in a host loop,
+the tokens of each chunk brought to the host; `stream_cost` is the share of throughput that
+streaming costs (target <= 0.10). Recompute is what the lecture and nanoGPT do: a full forward
 pass over the last `max_len` tokens per new token.
+
+--memory trains a one-step `default` run and prints sample.py's peak resident memory for
+1,000 and for --memory-tokens (1,000,000) new tokens, and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -40,15 +50,48 @@ def recompute(params, window_1xW, length, *, model, n):
     return jax.lax.scan(body, (window_1xW, length), None, length=n)[1]
 
 
+_PEAK_RSS = """
+import resource, sys
+from transformer_jax.cli import sample_main
+sample_main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def peak_rss_mb(run_dir: Path, tokens: int) -> float:
+    """sample.py's peak resident memory (MB) for `tokens` new tokens, its text thrown away."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, "--run-dir", str(run_dir),
+                           "--max-new-tokens", str(tokens), "--ignore-eos"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
+    return int(proc.stderr.split()[-1]) / 1024
+
+
+def memory(data: str, tokens: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        subprocess.run([sys.executable, str(REPO / "train.py"), "--data", data, "--run-dir",
+                        str(run_dir), "--steps", "1", "--eval-every", "1", "--eval-batches",
+                        "1"], stdout=subprocess.DEVNULL, check=True)
+        short, long = peak_rss_mb(run_dir, 1000), peak_rss_mb(run_dir, tokens)
+    print(f"sample.py, default preset run: peak RSS for 1,000 and {tokens:,} new tokens")
+    common.report(peak_rss_mb_1000=round(short), peak_rss_mb_long=round(long),
+                  memory_ratio=long / short)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="text corpus (sets the vocabulary)")
     p.add_argument("--new-tokens", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory", action="store_true", help="measure sample.py's peak memory")
+    p.add_argument("--memory-tokens", type=int, default=1_000_000)
     args = p.parse_args()
+    if args.memory:
+        memory(args.data, args.memory_tokens)
+        return
     from transformer_jax import config as config_lib
     from transformer_jax.model import Transformer, init_params
-    from transformer_jax.sampling import generate
+    from transformer_jax.sampling import FREE, Decoder
     from transformer_jax.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text(Path(args.data).read_text(encoding="utf-8"))
@@ -58,13 +101,26 @@ def main() -> None:
     n, prompt = args.new_tokens, [tok.start_id]
 
     best = lambda fn: common.best_seconds(fn, args.repeats)
-    cached = best(lambda: generate(model, params, prompt, max_new_tokens=n, temperature=0.0,
-                                   rng=jax.random.PRNGKey(0)))
+
+    def decode(**chunks) -> int:
+        """Tokens brought to the host by a decoder of these chunk settings, greedy."""
+        decoder = Decoder(model, params, rows=1, **chunks)
+        decoder.place([0], prompt, jax.random.split(jax.random.PRNGKey(0), 1),
+                      max_new_tokens=n, temperature=0.0)
+        count = 0
+        while decoder.left.any():
+            count += int((decoder.advance() != FREE).sum())
+        assert count == n
+        return count
+
+    cached = best(lambda: decode(max_chunk=n, chunk_seconds=None))
+    streamed = best(lambda: decode())
     window = jnp.zeros((1, cfg.max_len), jnp.int32).at[0, 0].set(tok.start_id)
     full = best(lambda: recompute(params, window, jnp.int32(1), model=model,
                                   n=n).block_until_ready())
     print(f"default preset: context {cfg.max_len}, {n} new tokens, batch 1, greedy")
-    common.report(cache_tokens_per_s=round(n / cached), recompute_tokens_per_s=round(n / full),
+    common.report(stream_tokens_per_s=round(n / streamed), cache_tokens_per_s=round(n / cached),
+                  stream_cost=1 - cached / streamed, recompute_tokens_per_s=round(n / full),
                   cache_speedup=full / cached)
 
 

@@ -141,22 +141,22 @@ def _finish(rows: Rows, finished_B):
     return rows.replace(left_B=jnp.where(finished_B, 0, rows.left_B))
 
 
-def _draw(rows: Rows, keys_B, live_B, top_k: int):
-    """Each row's next token; the sort of the nucleus and the draw itself only run when some
-    live row needs them (greedy decoding takes the argmax alone)."""
-    logits_BxV = rows.logits_BxV
-    greedy = lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    sample = lambda top_p: lambda: sample_logits(
-        logits_BxV, keys_B, rows.temperature_B, top_k, top_p).astype(jnp.int32)
-    drawn = lambda: jax.lax.cond(jnp.any(live_B & (rows.top_p_B < 1)), sample(rows.top_p_B),
-                                 sample(None))
-    return jax.lax.cond(jnp.all(~live_B | (rows.temperature_B == 0)), greedy, drawn)
+def _draw(rows: Rows, top_k: int, draw: str):
+    """Each row's next token (B,) and its next random key (B, 2). `draw` (static, from what
+    the live rows ask): greedy takes the argmax alone (no key is split), sample draws with
+    each row's temperature, nucleus also sorts for top-p (a fifth of a small model's step)."""
+    if draw == "greedy":
+        return jnp.argmax(rows.logits_BxV, axis=-1).astype(jnp.int32), rows.keys_Bx2
+    split_Bx2x2 = jax.vmap(jax.random.split)(rows.keys_Bx2)
+    token_B = sample_logits(rows.logits_BxV, split_Bx2x2[:, 1], rows.temperature_B, top_k,
+                            rows.top_p_B if draw == "nucleus" else None)
+    return token_B.astype(jnp.int32), split_Bx2x2[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk"),
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk", "draw"),
                    donate_argnums=1)
 def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: int | None,
-           max_chunk: int):
+           max_chunk: int, draw: str):
     """Up to `steps` (<= max_chunk) decoding steps of every live row, fewer once none is
     live: (rows, tokens (B, max_chunk), FREE where a row produced nothing)."""
     B, W = rows.window_BxW.shape
@@ -165,45 +165,51 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
                                               decode=True, mutable=["cache"])
 
     def refill(carry):
-        """Row `b`, the first full one, refilled from its last half-window."""
-        rows, full_B = carry
+        """Row `b`, the first full one, refilled from its last half-window (ending with the
+        token it just drew)."""
+        rows, full_B, token_B = carry
         b = jnp.argmax(full_B)
-        cache_1, logits_V = _row_cache(model, params, rows.window_BxW[b, None, :half], half)
-        return _put_row(rows, b, cache_1, logits_V, rows.window_BxW[b]), full_B.at[b].set(False)
+        window_W = jnp.concatenate([rows.window_BxW[b, W - half + 1:], token_B[b, None],
+                                    jnp.zeros((W - half,), jnp.int32)])
+        cache_1, logits_V = _row_cache(model, params, window_W[None, :half], half)
+        return _put_row(rows, b, cache_1, logits_V, window_W), full_B.at[b].set(False), token_B
 
-    def body(carry):
+    def body(carry, slide: bool):
+        """One step of every row; `slide`: a live row may have a full cache, and is then
+        refilled with what it drew (else none may)."""
         i, rows, out_BxC = carry
-        split_Bx2x2 = jax.vmap(jax.random.split)(rows.keys_Bx2)
         live_B = rows.left_B > 0
-        token_B = _draw(rows, split_Bx2x2[:, 1], live_B, top_k)
+        token_B, keys_Bx2 = _draw(rows, top_k, draw)
         ended_B = live_B & (token_B == end_id) if end_id is not None else jnp.zeros_like(live_B)
         emit_B = live_B & ~ended_B
         out_BxC = out_BxC.at[:, i].set(jnp.where(emit_B, token_B, FREE))
         left_B = jnp.where(emit_B, rows.left_B - 1, 0)
-        go_B = left_B > 0  # rows that go on read the token back
         index_B = rows.cache["trunk"]["index"]
-        full_B = go_B & (index_B >= W)
+        # Every row takes the step (one batched call); what it does to a row that has ended
+        # is never read, and a full row's result is replaced by its refill.
         logits_Bx1xV, vars_ = step(rows.cache, token_B[:, None])
-        # Rows that stopped, or whose cache was full, keep their index (a full one is
-        # refilled below); the others hold one more position.
-        cache = vars_["cache"]
-        cache = {**cache, "trunk": {**cache["trunk"],
-                                    "index": jnp.where(go_B & ~full_B, index_B + 1, index_B)}}
-        at_BxW = jnp.arange(W)[None, :] == index_B[:, None]
-        slid_BxW = jnp.concatenate([rows.window_BxW[:, W - half + 1:], token_B[:, None],
-                                    jnp.zeros((B, W - half), jnp.int32)], axis=1)
-        window_BxW = jnp.where((go_B & ~full_B)[:, None] & at_BxW, token_B[:, None],
-                               rows.window_BxW)
         rows = rows.replace(
-            cache=cache, keys_Bx2=split_Bx2x2[:, 0], left_B=left_B,
-            logits_BxV=jnp.where(go_B[:, None], logits_Bx1xV[:, 0], rows.logits_BxV),
-            window_BxW=jnp.where(full_B[:, None], slid_BxW, window_BxW))
-        rows, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), refill, (rows, full_B))
+            cache=vars_["cache"], keys_Bx2=keys_Bx2, left_B=left_B,
+            logits_BxV=logits_Bx1xV[:, 0],
+            window_BxW=rows.window_BxW.at[jnp.arange(B), index_B].set(token_B, mode="drop"))
+        if slide:
+            full_B = (left_B > 0) & (index_B >= W)  # rows that go on but had no room
+            rows = jax.lax.while_loop(lambda c: jnp.any(c[1]), refill,
+                                      (rows, full_B, token_B))[0]
         return i + 1, rows, out_BxC
 
+    going = lambda c: (c[0] < steps) & jnp.any(c[1].left_B > 0)
+    roomy = lambda c: going(c) & ~jnp.any((c[1].left_B > 0) & (c[1].cache["trunk"]["index"] >= W))
+
+    def stretch(carry):
+        """Steps while no live row's cache is full (no refill to check for: a refill, even
+        one that never happens, costs a small model a sixth of its step), then one step
+        that refills the rows whose cache is."""
+        carry = jax.lax.while_loop(roomy, lambda c: body(c, slide=False), carry)
+        return jax.lax.cond(going(carry), lambda c: body(c, slide=True), lambda c: c, carry)
+
     out = jnp.full((B, max_chunk), FREE, jnp.int32)
-    _, rows, out = jax.lax.while_loop(
-        lambda c: (c[0] < steps) & jnp.any(c[1].left_B > 0), body, (jnp.int32(0), rows, out))
+    _, rows, out = jax.lax.while_loop(going, stretch, (jnp.int32(0), rows, out))
     return rows, out
 
 
@@ -226,8 +232,8 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, params, *, rows: int, top_k: int = 0,
-                 end_id: int | None = None, max_chunk: int = 64,
-                 chunk_seconds: float | None = 0.05):
+                 end_id: int | None = None, max_chunk: int = 256,
+                 chunk_seconds: float | None = 0.1):
         self.model, self.params = model, params
         self.size, self.width = rows, model.config.max_len
         self._static = dict(model=model, top_k=top_k, end_id=end_id, max_chunk=max_chunk)
@@ -241,7 +247,9 @@ class Decoder:
                           temperature_B=jnp.ones((rows,), jnp.float32),
                           top_p_B=jnp.ones((rows,), jnp.float32),
                           left_B=jnp.zeros((rows,), jnp.int32))
-        self.left = np.zeros(rows, np.int64)  # the host's copy after each call
+        # The host's copies: what each row may still produce (after each call), its settings.
+        self.left = np.zeros(rows, np.int64)
+        self._temperature, self._top_p = np.ones(rows), np.ones(rows)
 
     def context(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """The ids a row starts from: the prompt, or the last half-window of a prompt longer
@@ -267,6 +275,7 @@ class Decoder:
                                 np.float32(temperature), np.float32(top_p),
                                 np.int32(max_new_tokens))
             self.left[slot] = max_new_tokens
+            self._temperature[slot], self._top_p[slot] = temperature, top_p
 
     def finish(self, slots: Iterable[int]) -> None:
         """End rows `slots` now (their slots become free)."""
@@ -280,7 +289,10 @@ class Decoder:
         """One compiled chunk: the tokens (B, C) it produced, FREE where a row produced none;
         `left` then says which rows go on."""
         began = time.perf_counter()
-        self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps),
+        drawing = (self.left > 0) & (self._temperature > 0)
+        draw = ("greedy" if not drawing.any() else
+                "nucleus" if (self._top_p[drawing] < 1).any() else "sample")
+        self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps), draw=draw,
                                  **self._static)
         out, self.left = np.asarray(out), np.array(self._rows.left_B)
         if self._chunk_seconds is not None:
