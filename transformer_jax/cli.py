@@ -206,15 +206,16 @@ def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, pa
 
 
 def _load(run_dir: str, step: int | str | None, program: str):
-    """The trained model of `run_dir` for `program` (sample or forecast, which must be the
-    program that reads its kind of run, or evaluate, which reads every kind)."""
+    """The trained model of `run_dir` for `program` (sample, serve or forecast, which must
+    read its kind of run: a text model for the first two; or evaluate, which reads every kind)."""
     from transformer_jax import run
 
     trained = run.load_for_sampling(run_dir, step)
-    if program == "evaluate" or trained.kind.reader == program:
+    if program == "evaluate" or trained.kind.reader == program.replace("serve", "sample"):
         return trained
-    if program == "sample":
-        raise UserError(f"run directory {run_dir} holds a series model; forecast with "
+    if program in ("sample", "serve"):
+        only = "; the server serves text models only" if program == "serve" else ""
+        raise UserError(f"run directory {run_dir} holds a series model{only}; forecast with "
                         f"`{_program('forecast')} --run-dir {run_dir} --data FILE.csv`")
     raise UserError(f"run directory {run_dir} holds a text model; sample with "
                     f"`{_program('sample')} --run-dir {run_dir}`")
@@ -305,9 +306,10 @@ def _sample(argv: list[str] | None) -> None:
             _print_samples(sampler, line, settings(args.seed + i), stopped)
 
 
-def text_model(run_dir: str, step: int | str | None, model: str | None):
+def text_model(run_dir: str, step: int | str | None, model: str | None,
+               program: str = "sample"):
     """(config, tokenizer, params) of the text model of `run_dir` (its checkpoint `step`), or
-    of the pretrained GPT-2 `model` as it is."""
+    of the pretrained GPT-2 `model` as it is, for `program` (sample or serve)."""
     if model and step is not None:
         raise UserError("--step picks a checkpoint of --run-dir; a --model has none")
     if model:
@@ -315,7 +317,7 @@ def text_model(run_dir: str, step: int | str | None, model: str | None):
 
         model, params, tokenizer = gpt2.from_pretrained(model)
         return config_lib.Config(model=model.config), tokenizer, params
-    trained = _load(run_dir, step, "sample")
+    trained = _load(run_dir, step, program)
     return trained.config, trained.tokenizer, trained.params
 
 
@@ -540,6 +542,81 @@ def _write_page(scores, report: dict, path: str) -> None:
     print(f"surprisal page: {out}", file=sys.stderr)
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="serve.py", formatter_class=_Help,
+        description="Serve a trained text model, or a pretrained GPT-2, over HTTP: OpenAI's "
+        "completions API (POST /v1/completions, streamed or whole; GET /v1/models; GET "
+        "/health) and a page at / to try it. Requests that arrive together are decoded "
+        "together, up to --max-batch samples at once; the others wait in a queue.")
+    p.add_argument("--run-dir", default="runs/default",
+                   help="run directory written by train.py (a text model); requests name the "
+                        "model by the directory's name")
+    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (kept by "
+                   "train.py --keep-best); default: the newest")
+    p.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="serve this pretrained GPT-2 as it is instead of a run: a Hugging Face "
+                        "hub name (gpt2, ...) or a local directory in its layout; requests "
+                        "name the model NAME_OR_DIR as given here")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, so other machines "
+                        "can reach it)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require the header 'Authorization: Bearer KEY' on /v1/ (default: no "
+                        "authentication, anyone who reaches the port may use it)")
+    p.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="samples decoded at once, over all requests (a request's n is at most "
+                        "this); each costs its decoding step whether it is in use or not")
+    p.add_argument("--queue-size", type=_positive_int, default=64,
+                   help="requests that may wait for free rows; one more is answered 503")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end symbol (GPT-2: <|endoftext|>) instead of ending "
+                        "a sample there, so every sample runs to its max_tokens")
+    return p
+
+
+def _serve(argv: list[str] | None) -> None:
+    args = serve_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} must be between 0 and 65535")
+    if args.api_key == "":
+        raise UserError("--api-key must not be empty")
+    try:
+        from transformer_jax import serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+            raise
+        raise UserError(f"serving needs {e.name}: pip install 'transformer-jax[serve]'") from None
+    try:  # bound before loading, so a taken port fails at once
+        sock = serve.bind(args.host, args.port)
+    except OSError as e:
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there "
+                        f"({e.strerror or e}); pick another --port") from None
+    with contextlib.closing(sock):
+        from transformer_jax import parallel, sampling
+
+        parallel.use_compile_cache()
+        config, tokenizer, params = text_model(args.run_dir, args.step, args.model, "serve")
+        name = args.model or Path(args.run_dir).resolve().name
+        sampler = sampling.text_sampler(config, tokenizer, params, rows=args.max_batch,
+                                        ignore_end=args.ignore_eos)
+        print(f"compiling {name} for {args.max_batch} rows...", flush=True)
+        engine = serve.Engine(sampler, queue_size=args.queue_size)
+        engine.start()
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        print(f"serving {name} at {url}/ (page) and {url}/v1 (OpenAI API)", flush=True)
+        print("API key required: Authorization: Bearer KEY" if args.api_key else
+              "no authentication: anyone who can reach this address may use it "
+              "(--api-key KEY requires a key)", flush=True)
+        try:
+            app = serve.make_app(engine, model=name, api_key=args.api_key)
+            serve.server(app, sock).run(sockets=[sock])
+        finally:
+            engine.stop()
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -576,3 +653,8 @@ def forecast_main(argv: list[str] | None = None) -> None:
 def evaluate_main(argv: list[str] | None = None) -> None:
     """Entry point of `evaluate.py` / `transformer-jax-evaluate`."""
     _main(_evaluate, argv)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """Entry point of `serve.py` / `transformer-jax-serve`."""
+    _main(_serve, argv)

@@ -137,6 +137,13 @@ def _place(rows: Rows, slot, cache_1, logits_V, window_W, key, temperature, top_
 
 
 @functools.partial(jax.jit, donate_argnums=0)
+def _put_first(rows: Rows, first: Rows) -> Rows:
+    """`rows` with its first rows replaced by `first`."""
+    return jax.tree.map(lambda many, few: jax.lax.dynamic_update_slice_in_dim(many, few, 0, 0),
+                        rows, first)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _finish(rows: Rows, finished_B):
     return rows.replace(left_B=jnp.where(finished_B, 0, rows.left_B))
 
@@ -292,9 +299,19 @@ class Decoder:
         drawing = (self.left > 0) & (self._temperature > 0)
         draw = ("greedy" if not drawing.any() else
                 "nucleus" if (self._top_p[drawing] < 1).any() else "sample")
-        self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps), draw=draw,
-                                 **self._static)
+        # Only the first k rows take the steps (k a power of two past the last live row, so
+        # few sizes compile): a free row would cost a step like a live one.
+        live = np.flatnonzero(self.left > 0)
+        k = self.size if not len(live) else min(1 << int(live[-1]).bit_length(), self.size)
+        if k == self.size:
+            self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps),
+                                     draw=draw, **self._static)
+        else:
+            part, out = _chunk(self.params, jax.tree.map(lambda x: x[:k], self._rows),
+                               np.int32(self._steps), draw=draw, **self._static)
+            self._rows = _put_first(self._rows, part)
         out, self.left = np.asarray(out), np.array(self._rows.left_B)
+        out = np.concatenate([out, np.full((self.size - k, out.shape[1]), FREE, np.int32)])
         if self._chunk_seconds is not None:
             spent = max(time.perf_counter() - began, 1e-6)
             aim = self._steps * self._chunk_seconds / spent
