@@ -10,6 +10,7 @@ page, a token hovered if asked. From the shell:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,17 @@ def missing() -> str | None:
         return (f"{' and '.join(absent)} not installed "
                 "(apt-get install chromium chromium-driver)")
     return None
+
+
+def or_skip() -> None:
+    """In a test: skip when chromium or its driver is not installed, unless
+    TJ_REQUIRE_BROWSER=1 (CI), where a missing browser is a failure."""
+    import pytest
+
+    if reason := missing():
+        if os.environ.get("TJ_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"TJ_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
 
 
 @contextlib.contextmanager

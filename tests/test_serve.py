@@ -27,7 +27,6 @@ from pathlib import Path
 import browser
 import openai
 import pytest
-from test_surprisal import browser_or_skip
 
 from transformer_jax import cli, run, sampling, serve
 
@@ -384,7 +383,7 @@ def test_the_page_loads_nothing_from_elsewhere(guarded):
 
 
 def test_the_page_streams_text_and_stops_in_chromium(guarded):
-    browser_or_skip()
+    browser.or_skip()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

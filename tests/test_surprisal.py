@@ -8,7 +8,6 @@ import dataclasses
 import html.parser
 import json
 import math
-import os
 import time
 
 import browser
@@ -182,23 +181,14 @@ def test_write_page_writes_utf8(tmp_path):
     assert [text for _, _, text in Parsed(path.read_text(encoding="utf-8")).tokens] == ["🙂", " é"]
 
 
-def browser_or_skip() -> None:
-    """Skip when chromium or its driver is not installed, unless TJ_REQUIRE_BROWSER=1 (CI),
-    where a missing browser is a failure."""
-    if reason := browser.missing():
-        if os.environ.get("TJ_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"TJ_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-
-
 def test_a_missing_browser_skips_unless_required(monkeypatch, tmp_path):
     monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.delenv("TJ_REQUIRE_BROWSER", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no-chromium not installed"):
-        browser_or_skip()
+        browser.or_skip()
     monkeypatch.setenv("TJ_REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="TJ_REQUIRE_BROWSER=1 but"):
-        browser_or_skip()
+        browser.or_skip()
 
 
 def shown(piece: str) -> str:
@@ -224,7 +214,7 @@ def hovered(driver, index: int) -> dict:
 
 @pytest.mark.slow
 def test_twenty_thousand_tokens_open_fast_and_show_their_panel_in_chromium(tmp_path):
-    browser_or_skip()
+    browser.or_skip()
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
