@@ -514,8 +514,8 @@ def test_property_a_text_stream_ends_before_the_first_stop_however_the_text_arri
         text, cuts, stops):
     stream = TextStream(lambda piece, final=False: "".join(piece), stops)
     out = "".join(stream.push(list(piece)) for piece in _split(text, cuts)) + stream.close()
-    found = [at for at in (text.find(s) for s in stops) if at >= 0]
-    assert out == (text[:min(found)] if found else text)
+    found = [(at + len(s), at) for s, at in ((s, text.find(s)) for s in stops) if at >= 0]
+    assert out == (text[:min(found)[1]] if found else text)  # the stop completed first
     assert stream.stopped == bool(found)
 
 
@@ -525,6 +525,12 @@ def test_a_text_stream_holds_back_only_what_may_begin_a_stop():
     assert stream.push("N") == " "
     assert stream.push("D and more") == "" and stream.stopped
     assert stream.push("x") == "" and stream.close() == ""
+
+
+def test_the_stop_completed_first_wins_however_the_text_arrives():
+    for pieces in (["aba"], ["ab", "a"], ["a", "b", "a"]):
+        stream = TextStream(lambda piece, final=False: piece, ["aba", "b"])
+        assert "".join(stream.push(p) for p in pieces) + stream.close() == "a"
 
 
 def test_an_empty_stop_string_is_refused():

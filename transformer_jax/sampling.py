@@ -350,9 +350,9 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
 class TextStream:
     """One sample's text as its tokens come: `push(ids)` returns the new text that is final.
 
-    It ends at the first of `stops` (which is not returned): text that could still turn into
-    a stop string is held back until it cannot, and `stopped` then says so. `close()`
-    returns what was held back once no more tokens come.
+    It ends at the first of `stops` to be completed (which is not returned): text that could
+    still turn into a stop string is held back until it cannot, and `stopped` then says so.
+    `close()` returns what was held back once no more tokens come.
     """
 
     def __init__(self, decode: Callable[..., str], stops: Sequence[str] = ()):
@@ -369,10 +369,13 @@ class TextStream:
         if self.stopped:
             return ""
         text = self._pending + self._decode(ids, final=final)
-        found = [at for at in (text.find(s) for s in self._stops) if at >= 0]
+        # The stop completed first wins (as token by token generation would meet it), the
+        # longer of two ending together: so where the text ends does not depend on how it came.
+        found = [(at + len(s), at) for s, at in ((s, text.find(s)) for s in self._stops)
+                 if at >= 0]
         if found:
             self.stopped, self._pending = True, ""
-            return text[:min(found)]
+            return text[:min(found)[1]]
         keep = 0 if final else min(self._hold, len(text))
         self._pending = text[len(text) - keep:]
         return text[:len(text) - keep]
