@@ -56,6 +56,13 @@ def _step(text: str) -> int | str:
     return value
 
 
+def _add_step(parser: argparse.ArgumentParser) -> None:
+    """The --step of a program that reads one checkpoint of a run."""
+    parser.add_argument("--step", type=_step, help="its checkpoint of this step, or best (the "
+                        "lowest validation loss, kept by train.py --keep-best); default: the "
+                        "newest (train.py keeps the last --keep)")
+
+
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`d_model` -> `--d-model`); unset flags are absent."""
     sections = (("model", config_lib.MODEL_FIELDS), ("training", config_lib.TRAIN_FIELDS))
@@ -240,9 +247,7 @@ def sample_parser() -> argparse.ArgumentParser:
                     "its continuation. Several samples are printed whole, one after another "
                     "(each next one carries on live once those before it are done).")
     p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
-    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (the lowest "
-                   "validation loss, kept by train.py --keep-best); default: the newest "
-                   "(train.py keeps the last --keep)")
+    _add_step(p)
     p.add_argument("--model", help="sample from this pretrained GPT-2 as it is instead of a run: "
                    "a Hugging Face hub name (gpt2, ...) or a local directory in its layout")
     prompt = p.add_mutually_exclusive_group()
@@ -403,8 +408,7 @@ def forecast_parser() -> argparse.ArgumentParser:
         "RUN_DIR/forecast.png.")
     p.add_argument("--run-dir", default="runs/default",
                    help="run directory written by train.py --columns")
-    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (kept by "
-                   "train.py --keep-best); default: the newest")
+    _add_step(p)
     p.add_argument("--data", required=True, help="CSV file with the run's columns: the history "
                    "(and the known covariates of the forecast times)")
     p.add_argument("--horizon", type=_positive_int, default=8, help="times to forecast")
@@ -552,8 +556,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/default",
                    help="run directory written by train.py (a text model); requests name the "
                         "model by the directory's name")
-    p.add_argument("--step", type=_step, help="its checkpoint of this step, or best (kept by "
-                   "train.py --keep-best); default: the newest")
+    _add_step(p)
     p.add_argument("--model", metavar="NAME_OR_DIR",
                    help="serve this pretrained GPT-2 as it is instead of a run: a Hugging Face "
                         "hub name (gpt2, ...) or a local directory in its layout; requests "

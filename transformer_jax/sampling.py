@@ -220,6 +220,15 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
     return rows, out
 
 
+def _context(prompt_ids: Sequence[int], width: int) -> np.ndarray:
+    """The ids a row starts from: the prompt, or the last half-window of a prompt longer than
+    the window `width` (as the sliding window would keep)."""
+    prompt = np.asarray(prompt_ids, np.int32)
+    if prompt.ndim != 1 or len(prompt) == 0:
+        raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
+    return prompt[-max(width // 2, 1):] if len(prompt) > width else prompt
+
+
 def _bucket(n: int, top: int) -> int:
     """The prefill length for an n-token prompt: the next power of two (at least 8), at most
     `top`, so that few lengths compile."""
@@ -258,19 +267,11 @@ class Decoder:
         self.left = np.zeros(rows, np.int64)
         self._temperature, self._top_p = np.ones(rows), np.ones(rows)
 
-    def context(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        """The ids a row starts from: the prompt, or the last half-window of a prompt longer
-        than the window (as the sliding window would keep)."""
-        prompt = np.asarray(prompt_ids, np.int32)
-        if prompt.ndim != 1 or len(prompt) == 0:
-            raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
-        return prompt[-max(self.width // 2, 1):] if len(prompt) > self.width else prompt
-
     def place(self, slots: Sequence[int], prompt_ids: Sequence[int], keys, *,
               max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
         """Start rows `slots` (free ones) from one prompt, one prefill for all of them; row i
         draws with keys[i] (a (len(slots), 2) array)."""
-        prompt = self.context(prompt_ids)
+        prompt = _context(prompt_ids, self.width)
         tokens = np.zeros((1, _bucket(len(prompt), self.width)), np.int32)
         tokens[0, :len(prompt)] = prompt
         cache_1, logits_V = _prefill(self.params, jnp.asarray(tokens), len(prompt),
@@ -333,11 +334,11 @@ def generate(model: nn.Module, params, prompt_ids, *, max_new_tokens: int, rng: 
     """
     check_arguments(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, num_samples=num_samples, vocab_size=model.config.vocab_size)
-    decoder = Decoder(model, params, rows=num_samples, top_k=top_k,
-                      max_chunk=max(min(max_new_tokens, 256), 1), chunk_seconds=None)
-    decoder.context(prompt_ids)
+    _context(prompt_ids, model.config.max_len)
     if max_new_tokens == 0:
         return np.zeros((num_samples, 0), np.int32)
+    decoder = Decoder(model, params, rows=num_samples, top_k=top_k,
+                      max_chunk=min(max_new_tokens, 256), chunk_seconds=None)
     decoder.place(range(num_samples), prompt_ids, jax.random.split(rng, num_samples),
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     rows = [[] for _ in range(num_samples)]
