@@ -80,7 +80,7 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
 
     def one_call():
         nonlocal state
-        state, metrics = chunk(state, source, starts)
+        state, metrics = chunk(state, source, starts, None)
         jax.block_until_ready(metrics)
 
     seconds = common.best_seconds(one_call, repeats=2) / steps

@@ -39,12 +39,12 @@ def measure(layers: int, scan: bool, args) -> tuple[float, float]:
     starts = jnp.asarray(np.random.default_rng(1).integers(
         0, 100_000 - tcfg.seq_len - 1, (tcfg.steps_per_call, tcfg.batch_size)), jnp.int32)
     t = time.perf_counter()
-    compiled = chunk.lower(state, source, starts).compile()
+    compiled = chunk.lower(state, source, starts, None).compile()
     compile_s = time.perf_counter() - t
 
     def call():
         nonlocal state
-        state, out = compiled(state, source, starts)
+        state, out = compiled(state, source, starts, None)
         jax.block_until_ready(out)
 
     return compile_s, common.best_seconds(call, 2) / tcfg.steps_per_call

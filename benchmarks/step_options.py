@@ -41,7 +41,8 @@ def main() -> None:
     tx = training.optimizer(tcfg)
     loss = task.train_loss
     donated = training.compile_train_chunk(mesh, loss, tx, batches.row_len)
-    kept = jax.jit(donated.__wrapped__, in_shardings=(replicated, replicated, split_batches),
+    kept = jax.jit(donated.__wrapped__,
+                   in_shardings=(replicated, replicated, split_batches, replicated),
                    out_shardings=(replicated, replicated))
     step = lambda state, rows: training.train_step(state, rows, loss_fn=loss, tx=tx)
     host_chunk = jax.jit(lambda state, rows: jax.lax.scan(step, state, rows),
@@ -76,8 +77,8 @@ def main() -> None:
         return state, out
 
     ours = timed("chunk, device gather, donated (train.py)",
-                 lambda s: donated(s, source, starts))
-    no_donation = timed("chunk without donation", lambda s: kept(s, source, starts))
+                 lambda s: donated(s, source, starts, None))
+    no_donation = timed("chunk without donation", lambda s: kept(s, source, starts, None))
     host = timed("chunk of host-gathered batches", lambda s: host_chunk(s, host_rows()))
     loop = timed("one call per step, host batches", one_per_step)
 
@@ -87,8 +88,8 @@ def main() -> None:
                 + m.temp_size_in_bytes)
 
     state = fresh()
-    with_donation, without = peak(donated, state, source, starts), peak(kept, state, source,
-                                                                         starts)
+    with_donation, without = (peak(donated, state, source, starts, None),
+                              peak(kept, state, source, starts, None))
     print(f"peak memory of a chunk (XLA's analysis): {with_donation / 2**20:.1f} MiB donated, "
           f"{without / 2**20:.1f} MiB not", flush=True)
     common.report(no_donation_time_ratio=no_donation / ours, host_batches_time_ratio=host / ours,

@@ -51,11 +51,11 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
     source = parallel.place(batches.source, replicated)
     starts = lambda step: parallel.place(batches.starts(step, k), parallel.split_batches(mesh))
     k = config.train.steps_per_call
-    state, out = chunk(state, source, starts(0))  # compile + warm up
+    state, out = chunk(state, source, starts(0), None)  # compile + warm up
     jax.block_until_ready(out)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or steps < 2 * k:
-        state, out = chunk(state, source, starts(steps))
+        state, out = chunk(state, source, starts(steps), None)
         jax.block_until_ready(out)
         steps += k
     elapsed = time.perf_counter() - t0

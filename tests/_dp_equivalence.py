@@ -66,8 +66,8 @@ def main() -> None:
         source = jax.device_put(batches.source, replicated)
         fn = training.compile_train_chunk(mesh, loss_fn, tx, row_len)
         starts = jnp.asarray(starts_KxB)
-        compiled = fn.lower(state, source, starts).compile()
-        new, metrics = compiled(state, source, starts)
+        compiled = fn.lower(state, source, starts, None).compile()
+        new, metrics = compiled(state, source, starts, None)
         return new, np.asarray(metrics["loss"]).tolist(), compiled
 
     mesh8 = parallel.data_mesh(jax.devices())

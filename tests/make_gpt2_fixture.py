@@ -1,15 +1,23 @@
-"""Write tests/fixtures/gpt2-tiny/: a tiny random GPT-2 and the outputs of transformers itself.
+"""Write tests/fixtures/gpt2-tiny*/: tiny random GPT-2s and the outputs of transformers itself.
 
-Run by hand, not by CI (CI has neither torch nor transformers):
+Run by hand, not by CI (CI has neither torch nor transformers), in the project's environment:
 
     pip install torch==2.13.0 && pip install transformers   # check pip keeps torch 2.13.0
     python tests/make_gpt2_fixture.py
 
-Writes config.json and model.safetensors (save_pretrained, safe_serialization=True), a byte-level
-BPE trained here (tokenizer.json, vocab.json, merges.txt) and the references tests/test_gpt2.py
-compares against: reference_logits.npz (float32 logits of each prompt) and reference.json (the
-prompts, their token ids and decoded text, and greedy continuations). Every weight is redrawn,
-layer norms and biases included, so a dropped bias or a swapped tensor changes the logits.
+Writes to gpt2-tiny/ config.json and model.safetensors (save_pretrained, safe_serialization=True),
+a byte-level BPE trained here (tokenizer.json, vocab.json, merges.txt) and the references
+tests/test_gpt2.py compares against: reference_logits.npz (float32 logits of each prompt) and
+reference.json (the prompts, their token ids and decoded text, and greedy continuations). Every
+weight is redrawn, layer norms and biases included, so a dropped bias or a swapped tensor changes
+the logits.
+
+Then the checkpoint variants, of a smaller GPT-2 (SMALL) with the same vocabulary, each with
+vocab.json, merges.txt and the float32 logits transformers computes from what was saved
+(reference_logits.npz, of PROMPTS[VARIANT_PROMPT]): gpt2-tiny-sharded/ (shards and
+model.safetensors.index.json), gpt2-tiny-fp16/ and gpt2-tiny-bf16/ (the same weights stored in
+float16 and bfloat16) and gpt2-tiny-layerscale/ (scale_attn_by_inverse_layer_idx=true). It also
+checks that transformer_jax.gpt2 decides every field of this transformers' GPT2Config.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-OUT = Path(__file__).parent / "fixtures" / "gpt2-tiny"
+from transformer_jax import gpt2
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OUT = FIXTURES / "gpt2-tiny"
 END_OF_TEXT = "<|endoftext|>"
 TEXT = """The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!
 In 1859, Darwin wrote: "There is grandeur in this view of life"; it's still quoted today.
@@ -36,6 +47,10 @@ PROMPTS = ["The quick brown fox", "Hello, world! It's 3.14 €.",
 GREEDY_PROMPTS = PROMPTS[:2]
 NEW_TOKENS = 20
 SEED = 0
+TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+SMALL = dict(n_embd=16, n_layer=2, n_head=2, n_positions=32)  # the variants: tens of KB each
+VARIANT_PROMPT = 1
+SHARD_BYTES = 20_000  # SMALL's 54 kB of float32 weights in 3 shards
 
 
 def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
@@ -51,12 +66,13 @@ def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
     return tokenizer
 
 
-def build_model(vocab_size: int) -> transformers.GPT2LMHeadModel:
-    """Random GPT-2 with non-trivial layer norms and biases, and weights large enough that
-    attention is far from uniform and greedy continuations vary (seed 0: 10 and 13 distinct
-    tokens in 20, top-2 gaps of 0.03 and more)."""
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+def build_model(vocab_size: int, **shape) -> transformers.GPT2LMHeadModel:
+    """Random GPT-2 (`shape`: GPT2Config fields, by default TINY) with non-trivial layer norms
+    and biases, and weights large enough that attention is far from uniform and greedy
+    continuations vary (TINY, seed 0: 10 and 13 distinct tokens in 20, top-2 gaps of 0.03 and
+    more)."""
+    config = transformers.GPT2Config(**(shape or TINY), vocab_size=vocab_size, bos_token_id=0,
+                                     eos_token_id=0)
     torch.manual_seed(SEED)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -83,7 +99,51 @@ def greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
     return ids, gap
 
 
+def save(model, out: Path, **options) -> None:
+    """save_pretrained as safetensors, keeping only what the loader reads."""
+    model.save_pretrained(out, safe_serialization=True, **options)
+    (out / "generation_config.json").unlink(missing_ok=True)
+
+
+def write_variant(name: str, model, prompt_ids: list[int], **options) -> None:
+    """FIXTURES/name: `model` saved with `options`, the tokenizer's small files, and the float32
+    logits transformers computes from the saved files."""
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    for small in ("vocab.json", "merges.txt"):
+        shutil.copy(OUT / small, out)
+    save(model, out, **options)
+    saved = transformers.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = saved(torch.tensor([prompt_ids])).logits[0].numpy().astype(np.float32)
+    np.savez(out / "reference_logits.npz", **{f"prompt_{VARIANT_PROMPT}": logits})
+
+
+def write_variants(vocab_size: int, prompt_ids: list[int]) -> None:
+    small = lambda **changes: build_model(vocab_size, **SMALL, **changes)
+    write_variant("gpt2-tiny-sharded", small(), prompt_ids, max_shard_size=SHARD_BYTES)
+    index = json.loads((FIXTURES / "gpt2-tiny-sharded" / gpt2.INDEX).read_text())
+    assert len(set(index["weight_map"].values())) >= 2, "one shard only: lower SHARD_BYTES"
+    write_variant("gpt2-tiny-fp16", small().to(torch.float16), prompt_ids)
+    write_variant("gpt2-tiny-bf16", small().to(torch.bfloat16), prompt_ids)
+    write_variant("gpt2-tiny-layerscale", small(scale_attn_by_inverse_layer_idx=True), prompt_ids)
+    scaled = np.load(FIXTURES / "gpt2-tiny-layerscale" / "reference_logits.npz")
+    plain = np.load(FIXTURES / "gpt2-tiny-sharded" / "reference_logits.npz")
+    key = f"prompt_{VARIANT_PROMPT}"
+    assert np.abs(scaled[key] - plain[key]).max() > 0.1, "the layer scaling hardly matters"
+
+
+def check_decisions() -> None:
+    """transformer_jax.gpt2 reads, refuses or ignores every field of GPT2Config."""
+    decided = {*gpt2._READ, *gpt2._ALIASES, *gpt2._ONLY, *gpt2._IGNORED}
+    undecided = set(transformers.GPT2Config().to_dict()) - decided
+    assert not undecided, f"decide in transformer_jax/gpt2.py: {sorted(undecided)}"
+
+
 def main() -> None:
+    check_decisions()
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
@@ -91,10 +151,7 @@ def main() -> None:
     tokenizer.save(str(OUT / "tokenizer.json"))
     tokenizer.model.save(str(OUT))  # vocab.json, merges.txt
     model = build_model(tokenizer.get_vocab_size())
-    model.save_pretrained(OUT, safe_serialization=True)
-    for extra in OUT.iterdir():  # keep only what the loader reads
-        if extra.name == "generation_config.json":
-            extra.unlink()
+    save(model, OUT)
 
     # Reference token ids: transformers' GPT-2 tokenizer, from tokenizer.json and from
     # vocab.json + merges.txt, must agree.
@@ -126,8 +183,9 @@ def main() -> None:
                  "greedy_prompts": GREEDY_PROMPTS, "greedy_new_ids": greedy_ids}
     lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in reference.items()]
     (OUT / "reference.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-    for path in sorted(OUT.iterdir()):
-        print(f"{path.stat().st_size:>8}  {path.name}")
+    write_variants(tokenizer.get_vocab_size(), prompt_ids[VARIANT_PROMPT])
+    for path in sorted(FIXTURES.glob("gpt2-tiny*/*")):
+        print(f"{path.stat().st_size:>8}  {path.relative_to(FIXTURES)}")
 
 
 if __name__ == "__main__":

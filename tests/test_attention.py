@@ -73,7 +73,8 @@ def test_attention_matches_numpy_reference(fused, T, S, offset, pads):
     q, k, v = _qkv(3, T, S)
     valid = _valid(3, S) if pads else np.ones((3, S), bool)
     mask = causal_mask(T, valid, offset)
-    got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+    heads_first = lambda x: jnp.asarray(x).swapaxes(1, 2)  # (B, S, H, K) -> (B, H, S, K)
+    got = attention(jnp.asarray(q), heads_first(k), heads_first(v), jnp.asarray(mask),
                     fused=fused)
     assert got.shape == q.shape and got.dtype == jnp.float32
     _compare(got, np_attention(q, k, v, mask), mask)
@@ -143,7 +144,7 @@ def test_cudnn_attention_in_bfloat16_matches_numpy_reference():
     XLA's fused one: 0.01 off at most on CPU)."""
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(3, 16, 16, K=64))
     mask = causal_mask(16, _valid(3, 16))
-    got = attention(q, k, v, jnp.asarray(mask), fused="cudnn")
+    got = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.asarray(mask), fused="cudnn")
     f64 = lambda x: np.asarray(x, np.float64)
     _compare(f64(got), np_attention(f64(q), f64(k), f64(v), mask), mask,
              atol=3e-2, rtol=3e-2)

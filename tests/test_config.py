@@ -55,7 +55,7 @@ def test_the_series_fields_are_the_ones_declared_so():
 
 def test_only_the_flagless_fields_have_no_flag():
     flagless = {n for n, f in config_lib.FIELDS.items() if not f.metadata["flag"]}
-    assert flagless == {"vocab_size", "head_size"}
+    assert flagless == {"vocab_size", "head_size", "head_bias", "attn_scale_by_layer"}
 
 
 def test_every_field_declares_every_fact():

@@ -4,12 +4,16 @@ tests/fixtures/gpt2-tiny/ was written by tests/make_gpt2_fixture.py (run by hand
 transformers; neither is needed here): the model, its tokenizer, and the logits, token ids and
 greedy continuations transformers computed. Every layer norm and bias of that model is random,
 so a dropped or swapped tensor changes the logits (test_every_parameter_matters proves it).
+The gpt2-tiny-* fixtures are checkpoint variants of a smaller one (sharded, float16, bfloat16,
+scale_attn_by_inverse_layer_idx), each with transformers' float32 logits of one prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -23,12 +27,21 @@ from conftest import forward
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
+from transformer_jax import gpt2
 from transformer_jax.errors import UserError
-from transformer_jax.gpt2 import config_from_hf, from_pretrained, params_from_state_dict
-from transformer_jax.model import Transformer
+from transformer_jax.gpt2 import (
+    config_from_hf,
+    from_pretrained,
+    params_from_state_dict,
+    weight_files,
+)
+from transformer_jax.model import Transformer, init_cache, layered
 from transformer_jax.sampling import generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
+SHARDED, LAYERSCALE = (FIXTURE.with_name(f"gpt2-tiny-{name}") for name in ("sharded", "layerscale"))
+SHARDS = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+          "model-00003-of-00003.safetensors"]
 REFERENCE = json.loads((FIXTURE / "reference.json").read_text(encoding="utf-8"))
 TOLERANCE = 1e-4
 PAD_TO = 32  # every prompt is run right-padded to this length: one compile serves all
@@ -49,11 +62,11 @@ def logits_of(model, params, ids) -> np.ndarray:
                                                                                          :len(ids)]
 
 
-def copy_fixture(tmp_path: Path, *, drop=(), tensors=None, config=None) -> Path:
-    """A copy of the fixture without the files in `drop`, with the tensors `tensors(old)`
-    returns and the config.json fields in `config` changed (None: removed)."""
+def copy_fixture(tmp_path: Path, *, drop=(), tensors=None, config=None, source=FIXTURE) -> Path:
+    """A copy of the fixture `source` without the files in `drop`, with the tensors
+    `tensors(old)` returns and the config.json fields in `config` changed (None: removed)."""
     out = tmp_path / "model"
-    shutil.copytree(FIXTURE, out)
+    shutil.copytree(source, out)
     for name in drop:
         (out / name).unlink()
     if tensors is not None:
@@ -225,6 +238,86 @@ def test_untied_head(tmp_path, pretrained):
                                rtol=1e-5, atol=TOLERANCE)
 
 
+# Sharded and half-precision checkpoints; layer-scaled attention.
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    return from_pretrained(SHARDED)
+
+
+@pytest.fixture(scope="module")
+def layerscale():
+    return from_pretrained(LAYERSCALE)
+
+
+def variant_references(directory: Path) -> list[tuple[list[int], np.ndarray]]:
+    """(prompt ids, transformers' float32 logits (T, V)) of each prompt a variant holds."""
+    reference = np.load(directory / "reference_logits.npz")
+    return [(REFERENCE["prompt_ids"][int(key.removeprefix("prompt_"))], reference[key])
+            for key in reference]
+
+
+def assert_matches_transformers(directory: Path, model, params) -> None:
+    for ids, expected in variant_references(directory):
+        np.testing.assert_allclose(logits_of(model, params, ids), expected, rtol=0,
+                                   atol=TOLERANCE)
+
+
+def test_sharded_checkpoint_loads_as_its_single_file(tmp_path, sharded):
+    model, params, _ = sharded
+    assert weight_files(SHARDED) == [SHARDED / gpt2.INDEX, *(SHARDED / name for name in SHARDS)]
+    assert_matches_transformers(SHARDED, model, params)
+    single = copy_fixture(tmp_path, source=SHARDED, drop=[gpt2.INDEX, *SHARDS])
+    save_file({name: value for shard in SHARDS for name, value in
+               load_file(str(SHARDED / shard)).items()}, str(single / "model.safetensors"))
+    assert weight_files(single) == [single / "model.safetensors"]
+    jax.tree.map(np.testing.assert_array_equal, from_pretrained(single)[1], params)
+
+
+@pytest.mark.parametrize("name, dtype", [("fp16", np.float16), ("bf16", jnp.bfloat16)])
+def test_half_precision_weights_load_as_float32(sharded, name, dtype):
+    """The same model stored in float16 or bfloat16 loads as exactly the float32 model's
+    parameters rounded to that type; transformers' logits of the stored weights (computed in
+    float32) are matched as closely as the float32 model's."""
+    directory = FIXTURE.with_name(f"gpt2-tiny-{name}")
+    model, params, _ = from_pretrained(directory)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    rounded = jax.tree.map(lambda p: np.asarray(p).astype(dtype).astype(np.float32), sharded[1])
+    jax.tree.map(np.testing.assert_array_equal, params, rounded)
+    assert_matches_transformers(directory, model, params)
+
+
+@pytest.mark.parametrize("layout", [{}, {"scan_layers": True}, {"remat": True}],
+                         ids=["unrolled", "scanned", "remat"])
+def test_layer_scaled_attention_matches_transformers(layerscale, layout):
+    """scale_attn_by_inverse_layer_idx (levanter's and Stanford's Mistral GPT-2s): block i's
+    scores divided by i + 1, the index reaching scanned blocks too."""
+    model, params, _ = layerscale
+    assert model.config.attn_scale_by_layer
+    config = dataclasses.replace(model.config, **layout)
+    assert_matches_transformers(LAYERSCALE, Transformer(config),
+                                layered(params, config.scan_layers))
+    ids, expected = variant_references(LAYERSCALE)[0]
+    unscaled = Transformer(dataclasses.replace(model.config, attn_scale_by_layer=False))
+    assert np.abs(logits_of(unscaled, params, ids) - expected).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_layer_scaled_attention_when_decoding(layerscale, scan_layers):
+    """Queries attending to the cache are scaled as well: a prompt fed in two calls."""
+    model, params, _ = layerscale
+    config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    ids, expected = variant_references(LAYERSCALE)[0]
+    ids_1xT, apply = jnp.asarray([ids]), Transformer(config).apply
+    variables = {"params": layered(params, scan_layers), "cache": init_cache(config, 1)}
+    with jax.default_matmul_precision("highest"):
+        first, state = apply(variables, ids_1xT[:, :10], decode=True, mutable=["cache"])
+        rest, _ = apply({**variables, **state}, ids_1xT[:, 10:], decode=True, mutable=["cache"])
+    np.testing.assert_allclose(np.concatenate([first[0], rest[0]]), expected, rtol=0,
+                               atol=TOLERANCE)
+
+
 # Configuration.
 
 
@@ -245,27 +338,115 @@ def test_config_activations(hf_name, ours):
     assert config_from_hf({**MINIMAL, "activation_function": hf_name}).activation == ours
 
 
+# A value of each field that _ONLY refuses.
+REFUSED = {"model_type": "gpt_neo", "architectures": ["GPT2ForSequenceClassification"],
+           "auto_map": {"AutoModelForCausalLM": "modelling.Custom"}, "scale_attn_weights": False,
+           "add_cross_attention": True, "is_encoder_decoder": True, "pruned_heads": {"0": [1]}}
+
+
+def test_every_refusal_of_the_decision_table_is_tested():
+    assert set(REFUSED) == set(gpt2._ONLY)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_config_refuses_by_name_what_we_do_not_compute(tmp_path, name):
+    value, reason = REFUSED[name], gpt2._ONLY[name][1]
+    directory = copy_fixture(tmp_path, config={name: value})
+    raises_one_line("config.json: " + re.escape(f"{name}={json.dumps(value)} is not supported: "
+                                                f"{reason}"), from_pretrained, directory)
+
+
 @pytest.mark.parametrize("change, match", [
-    ({"activation_function": "swish"}, "activation_function='swish' is not supported"),
-    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-    ({"scale_attn_weights": False}, "scale_attn_weights"),
-    ({"model_type": "gpt_neo"}, "model_type='gpt_neo' is not GPT-2"),
+    ({"activation_function": "swish"}, 'activation_function="swish" is not supported'),
+    ({"n_ctx": 32}, "n_ctx=32 differs from n_positions=64"),
+    ({"hidden_size": 64}, "hidden_size=64 contradicts n_embd=32"),
+    ({"scale_attn_by_inverse_layer_idx": "yes"}, 'scale_attn_by_inverse_layer_idx="yes" must be '
+                                                 "true or false"),
     ({"n_head": None}, "missing field.*n_head"),
     ({"n_head": 5}, "divisible"),
-], ids=["activation", "inverse layer idx", "unscaled", "model type", "missing", "invalid"])
+], ids=["activation", "n_ctx", "alias", "not a bool", "missing", "invalid"])
 def test_config_refusals(tmp_path, change, match):
     directory = copy_fixture(tmp_path, config=change)
     raises_one_line(f"config.json: .*{match}", from_pretrained, directory)
 
 
+def test_config_honours_aliases_n_ctx_and_layer_scaling():
+    aliased = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "max_position_embeddings": 64, "vocab_size": 400}
+    assert config_from_hf(aliased) == config_from_hf(MINIMAL)
+    assert config_from_hf({**MINIMAL, "n_ctx": 64, "hidden_size": 32}) == config_from_hf(MINIMAL)
+    assert not config_from_hf(MINIMAL).attn_scale_by_layer
+    assert config_from_hf({**MINIMAL, "scale_attn_by_inverse_layer_idx": True}).attn_scale_by_layer
+
+
+def test_config_ignores_what_changes_nothing_we_compute():
+    ignored = {"attn_pdrop": 0.5, "embd_pdrop": 0.5, "resid_pdrop": 0.5, "summary_type": "mean",
+               "reorder_and_upcast_attn": True, "dtype": "float16", "torch_dtype": "bfloat16",
+               "initializer_range": 1.0, "use_cache": False, "bos_token_id": 7}
+    assert set(ignored) <= set(gpt2._IGNORED)
+    assert config_from_hf({**MINIMAL, **ignored}) == config_from_hf(MINIMAL)
+
+
+def test_every_field_transformers_wrote_is_decided():
+    decided = {*gpt2._READ, *gpt2._ALIASES, *gpt2._ONLY, *gpt2._IGNORED}
+    for directory in sorted(FIXTURE.parent.glob("gpt2-tiny*")):
+        assert set(json.loads((directory / "config.json").read_text())) <= decided, directory
+
+
 # Refusals.
 
 
-def test_refuses_pickled_weights(tmp_path):
+@pytest.mark.parametrize("pickle", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
+def test_refuses_pickled_weights(tmp_path, pickle):
     directory = copy_fixture(tmp_path, drop=["model.safetensors"])
-    (directory / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
-    raises_one_line("pytorch_model.bin.*arbitrary code.*safe_serialization=True",
-                    from_pretrained, directory)
+    (directory / pickle).write_bytes(b"not unpickled, ever")
+    raises_one_line(f"has {pickle} but no model.safetensors.*arbitrary code.*"
+                    "safe_serialization=True", from_pretrained, directory)
+
+
+def edit_index(directory: Path, edit) -> None:
+    """Replace the index's weight_map (tensor name -> shard) by `edit(weight_map)`."""
+    path = directory / gpt2.INDEX
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps({**index, "weight_map": edit(index["weight_map"])}))
+
+
+def edit_shard(directory: Path, shard: str, edit) -> None:
+    """Replace the shard's tensors by `edit(tensors)`."""
+    save_file(edit(load_file(str(directory / shard))), str(directory / shard))
+
+
+SHARD_OF = json.loads((SHARDED / gpt2.INDEX).read_text())["weight_map"]
+IN_SECOND = min(name for name, shard in SHARD_OF.items() if shard == SHARDS[1])
+_drop = lambda old: {name: value for name, value in old.items() if name != IN_SECOND}
+_rename = lambda new: lambda old: {k: new if v == SHARDS[0] else v for k, v in old.items()}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: (d / SHARDS[1]).unlink(),
+     f"{SHARDS[1]} does not exist: .*{gpt2.INDEX} names it as a shard"),
+    (lambda d: edit_shard(d, SHARDS[1], _drop),
+     rf"{SHARDS[1]}: lacks tensor\(s\) {IN_SECOND} that {gpt2.INDEX} places in it"),
+    (lambda d: edit_shard(d, SHARDS[1], lambda old: {**old, "h.9.ln_1.bias": np.ones(16)}),
+     rf"{SHARDS[1]}: holds tensor\(s\) h.9.ln_1.bias that {gpt2.INDEX} does not place in it"),
+    (lambda d: (edit_shard(d, SHARDS[1], _drop), edit_index(d, _drop)),
+     f"{gpt2.INDEX}: missing tensor '{IN_SECOND.removeprefix('transformer.')}'"),
+    (lambda d: edit_index(d, _rename("pytorch_model-00001-of-00003.bin")),
+     f"{gpt2.INDEX}: names the shard 'pytorch_model-00001-of-00003.bin'.*never a pickle"),
+    (lambda d: edit_index(d, _rename("../model.safetensors")),
+     f"{gpt2.INDEX}: names the shard '../model.safetensors', but only safetensors files beside"),
+    (lambda d: (d / gpt2.INDEX).write_text('{"weight_map": '),
+     f"{gpt2.INDEX}: cannot read it as JSON"),
+    (lambda d: (d / gpt2.INDEX).write_text('{"metadata": {}}'),
+     f'{gpt2.INDEX}: needs a non-empty "weight_map" object'),
+    (lambda d: (d / SHARDS[2]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+     f"{SHARDS[2]}: cannot read it as safetensors"),
+], ids=["missing shard", "shard lacks a tensor", "shard holds more", "tensor missing",
+        "pickle shard", "shard elsewhere", "malformed index", "no weight map", "bad shard"])
+def test_refuses_bad_sharded_checkpoints(tmp_path, edit, match):
+    directory = copy_fixture(tmp_path, source=SHARDED)
+    edit(directory)
+    raises_one_line(match, from_pretrained, directory)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -296,6 +477,30 @@ def test_refuses_missing_files(tmp_path):
                     copy_fixture(tmp_path / "b", drop=["model.safetensors"]))
     raises_one_line("config.json does not exist", from_pretrained,
                     copy_fixture(tmp_path / "c", drop=["config.json"]))
+
+
+@pytest.mark.parametrize("source, downloads", [
+    (FIXTURE, [gpt2.HUB_FILES]), (SHARDED, [gpt2.HUB_FILES, SHARDS])], ids=["single", "sharded"])
+def test_hub_download_fetches_every_shard(tmp_path, monkeypatch, source, downloads):
+    """A sharded model's index comes with the first files; every shard it names follows, of
+    the same revision (the commit that names the snapshot directory)."""
+    snapshot, calls = tmp_path / "snapshots" / ("0123abcd" * 5), []
+
+    def snapshot_download(repo_id, allow_patterns, revision=None):
+        calls.append((repo_id, allow_patterns, revision))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # so that the name is no local directory
+    _, params, _ = from_pretrained("transformer-jax-tests/gpt2")
+    revisions = [None, snapshot.name][:len(downloads)]
+    assert calls == [("transformer-jax-tests/gpt2", patterns, revision)
+                     for patterns, revision in zip(downloads, revisions)]
+    jax.tree.map(np.testing.assert_array_equal, params, from_pretrained(source)[1])
 
 
 def _closed_port() -> int:

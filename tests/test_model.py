@@ -354,12 +354,13 @@ def test_dropout_is_active_only_with_train_true():
 # the decoding cache
 
 
-def test_init_cache_is_empty_and_shaped_batch_by_max_len():
+def test_init_cache_is_empty_and_shaped_batch_heads_max_len():
     cfg = tiny_config(heads=4)
     cache = init_cache(cfg, 3)
     assert cache["trunk"]["index"].tolist() == [0, 0, 0]
-    k = cache["trunk"]["block_0"]["attn"]["key"]
-    assert k.shape == (3, cfg.max_len, 4, 4) and not np.asarray(k).any()
+    for name in ("key", "value"):  # heads first: each (row, head)'s (S, K) block contiguous
+        kv = cache["trunk"]["block_0"]["attn"][name]
+        assert kv.shape == (3, 4, cfg.max_len, cfg.head_dim) and not np.asarray(kv).any()
 
 
 def test_decode_steps_never_attend_pad_keys_written_by_an_earlier_call():
@@ -456,7 +457,8 @@ def test_scanned_layers_decode_with_a_stacked_cache_like_the_full_pass():
     ids = _ids(cfg, 2, 9)
     full = _logits(cfg, params, ids)
     cache = init_cache(cfg, 2)
-    assert cache["trunk"]["blocks"]["attn"]["key"].shape == (3, 2, cfg.max_len, 2, 8)
+    # (L, B, H, S, K): the layers stacked, heads first
+    assert cache["trunk"]["blocks"]["attn"]["key"].shape == (3, 2, 2, cfg.max_len, 8)
     model = Transformer(cfg)
     step = jax.jit(lambda cache, ids: model.apply({"params": params, "cache": cache}, ids,
                                                   decode=True, mutable=["cache"]))

@@ -82,7 +82,7 @@ def _train(cfg: TransformerConfig, train: TrainConfig, starts_NxB: np.ndarray):
         parallel.data_mesh(), training.lm_loss(Transformer(cfg), PAD), training.optimizer(train),
         SEQ + 1)
     state = training.init_state(init_params(cfg, jax.random.PRNGKey(train.seed)), train)
-    state, metrics = chunk(state, jnp.asarray(IDS), jnp.asarray(starts_NxB))
+    state, metrics = chunk(state, jnp.asarray(IDS), jnp.asarray(starts_NxB), None)
     return state, np.asarray(metrics["loss"])
 
 

@@ -265,7 +265,7 @@ def test_tiny_model_overfits_200_characters_below_loss_0_1():
     chunk = training.compile_train_chunk(mesh, training.lm_loss(model, tok.pad_id),
                                          training.optimizer(tcfg), batches.row_len)
     state, metrics = chunk(state, jnp.asarray(batches.source),
-                           jnp.asarray(batches.starts(0, steps)))
+                           jnp.asarray(batches.starts(0, steps)), None)
     losses = np.asarray(metrics["loss"])
     assert int(state.step) == steps
     assert losses[:10].mean() > 2.0  # it started out ignorant

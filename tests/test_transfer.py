@@ -65,7 +65,8 @@ def pretrained():
 def restricted(pretrained, tokens):
     """The pretrained model with the head restricted to `tokens`: (model, params)."""
     model0, params0, _ = pretrained
-    cfg = dataclasses.replace(model0.config, tie_embeddings=False, head_size=len(tokens))
+    cfg = dataclasses.replace(model0.config, tie_embeddings=False, head_size=len(tokens),
+                              head_bias=False)
     head = transfer.restricted_head(np.asarray(params0["embed"]["embedding"]), tokens)
     return Transformer(cfg), {**params0, "head": head}
 
@@ -225,7 +226,7 @@ def test_cli_head_fine_tuning_then_sampling(tmp_path, pretrained):
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3
     meta = json.loads((run_dir / "checkpoints" / "40" / "meta" / "metadata").read_text())
     V, D = len(meta["tokens"]), pretrained[0].config.d_model
-    assert f"trained parameters: {D * V + V:,} " in proc.stdout  # the head alone
+    assert f"trained parameters: {D * V:,} " in proc.stdout  # the head alone (no bias)
     params = run.load_for_sampling(run_dir).params
     for a, b in zip(jax.tree.leaves({k: v for k, v in params.items() if k != "head"}),
                     jax.tree.leaves({k: v for k, v in pretrained[1].items() if k != "head"})):

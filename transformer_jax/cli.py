@@ -620,6 +620,34 @@ def _serve(argv: list[str] | None) -> None:
             engine.stop()
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="export.py", formatter_class=_Help,
+        description="Write a trained text run as a GPT-2 in Hugging Face's layout (config.json, "
+        "model.safetensors, tokenizer files, generation_config.json) that transformers' "
+        "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load. A "
+        "transfer run's head over the corpus's tokens becomes an lm_head over the whole "
+        "vocabulary, the other ids in suppress_tokens; a character model needs GPT-2's "
+        "architecture (--norm pre --positions learned --activation gelu_tanh, tied).")
+    p.add_argument("--run-dir", default="runs/default", help="run directory written by train.py")
+    _add_step(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory to write (new or empty; written whole or not at all)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export in a non-empty --out")
+    return p
+
+
+def _export(argv: list[str] | None) -> None:
+    args = export_parser().parse_args(argv)
+    from transformer_jax import export
+
+    out = export.export(args.run_dir, args.out, step=args.step, force=args.force)
+    print(f"exported to {out}; load it with transformers: "
+          f"GPT2LMHeadModel.from_pretrained({str(out)!r}), "
+          f"AutoTokenizer.from_pretrained({str(out)!r})")
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -661,3 +689,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 def serve_main(argv: list[str] | None = None) -> None:
     """Entry point of `serve.py` / `transformer-jax-serve`."""
     _main(_serve, argv)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """Entry point of `export.py` / `transformer-jax-export`."""
+    _main(_export, argv)

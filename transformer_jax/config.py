@@ -15,6 +15,9 @@ from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 KINDS = ("char", "transfer", "series")
+FINETUNES = ("head", "lora", "full")
+# The weight matrices a LoRA adapter may adapt: the Dense layers of this name in every block.
+LORA_TARGETS = ("qkv", "out", "up", "down")
 _INT_LIMIT = 2**31
 
 
@@ -68,6 +71,10 @@ class TransformerConfig:
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residual branches",
                         pretrained=True)
     layer_norm_eps: float = _f(1e-5, "epsilon added to the variance inside layer norm", fixed=True)
+    attn_scale_by_layer: bool = _f(False, "divide block i's attention scores by i + 1 as well "
+                                   "(i from 0; GPT-2's scale_attn_by_inverse_layer_idx); set "
+                                   "from a pretrained config.json, not a flag", fixed=True,
+                                   flag=False)
     dtype: str = _f("float32", "compute dtype: float32, bfloat16 (parameters, softmax and loss "
                     "stay float32) or float64 (everything, with JAX_ENABLE_X64=1)",
                     choices=("float32", "bfloat16", "float64"), pretrained=True)
@@ -79,6 +86,9 @@ class TransformerConfig:
                            pretrained=True)
     head_size: int = _f(0, "outputs of an untied prediction layer (0: the vocabulary size); "
                         "set by transfer learning, not a flag", fixed=True, flag=False)
+    head_bias: bool = _f(True, "an untied prediction layer has a bias; transfer learning's has "
+                         "none, like GPT-2's lm_head, so that it exports exactly; not a flag",
+                         fixed=True, flag=False)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:
@@ -166,8 +176,17 @@ class TrainConfig:
                    "directory in its layout; the model's shape then comes from its config.json",
                    fixed=True)
     finetune: str = _f("head", "with a pretrained --init: head trains only a new prediction "
-                       "layer over the corpus's tokens on the frozen trunk; full trains every "
-                       "parameter", fixed=True, choices=("head", "full"))
+                       "layer over the corpus's tokens on the frozen trunk; lora trains it with "
+                       "low-rank adapters of the trunk's weight matrices (the trunk frozen); "
+                       "full trains every parameter", fixed=True, choices=FINETUNES)
+    lora_rank: int = _f(8, "--finetune lora: rank r of each adapter (W + alpha/r * A B, A of "
+                        "shape (in, r), B (r, out))", fixed=True)
+    lora_alpha: float = _f(16.0, "--finetune lora: the adapters' scale numerator alpha (their "
+                           "update is scaled by alpha / r)", fixed=True)
+    lora_targets: str = _f("qkv,out", "--finetune lora: comma-separated weight matrices that get "
+                           "adapters, among " + ", ".join(LORA_TARGETS) + " (the attention's "
+                           "query/key/value and output projections, the feed-forward's up and "
+                           "down)", fixed=True)
     columns: str | None = _f(None, "series model: comma-separated columns of a CSV --data to "
                              "forecast (instead of a character model of its text)", fixed=True)
     covariates: str | None = _f(None, "series model: comma-separated CSV columns of known "
@@ -185,7 +204,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         _positive(self, "seq_len", "batch_size", "streams", "lr", "muon_lr", "eval_every",
-                  "save_every", "keep", "steps_per_call", "micro_batches", "ar_order")
+                  "save_every", "keep", "steps_per_call", "micro_batches", "ar_order",
+                  "lora_rank", "lora_alpha")
         self._check_kind()
         if self.min_len < 2:
             raise ValueError(f"min_len={self.min_len} must be at least 2 (a document needs a "
@@ -211,6 +231,10 @@ class TrainConfig:
                      "grad_clip", "seed", "early_stop", "min_delta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        targets = self.lora_targets.split(",")
+        if not targets or set(targets) - set(LORA_TARGETS) or len(set(targets)) < len(targets):
+            raise ValueError(f"lora_targets={self.lora_targets!r} must name distinct weight "
+                             f"matrices among {', '.join(LORA_TARGETS)}, comma-separated")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")

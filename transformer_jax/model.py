@@ -61,10 +61,14 @@ def cudnn_attention_fits(q_BxTxHxK: jax.Array) -> bool:
     return ampere and q_BxTxHxK.dtype.itemsize == 2 and K % 8 == 0 and K <= 128 and T % 2 == 0
 
 
-def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, *, fused=None,
+def attention(q_BxTxHxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, *, fused=None,
               drop_probs=lambda p: p):
     """Each query's average of the values, weighted by softmax(q . k / sqrt(K)) over the keys
     that `mask_BxTxS` allows; softmax statistics in (at least) float32 whatever the dtype.
+
+    Keys and values come heads first, as the decoding cache holds them: each (row, head)'s
+    (S, K) block is contiguous, so the products read the cache in place (keys laid out as
+    (B, S, H, K) cost a transposed copy of the whole cache per layer and step).
 
     Args:
       fused: None computes it here (einsum, masked softmax, einsum); "xla" or "cudnn" calls
@@ -77,16 +81,17 @@ def attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, *, fused=None,
         # With T == S query t is key t, so the mask is causal in the usual sense and saying
         # so lets cuDNN skip the blocks above the diagonal.
         return jax.nn.dot_product_attention(
-            q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None],
-            is_causal=q_BxTxHxK.shape[1] == k_BxSxHxK.shape[1], implementation=fused)
+            q_BxTxHxK, k_BxHxSxK.swapaxes(1, 2), v_BxHxSxK.swapaxes(1, 2),
+            mask=mask_BxTxS[:, None], is_causal=q_BxTxHxK.shape[1] == k_BxHxSxK.shape[2],
+            implementation=fused)
     # Scores leave the matmul in the compute dtype: a float32 product would make the backward
     # pass multiply float32 by 16-bit operands, off the fast 16-bit path.
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
+    scores_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q_BxTxHxK, k_BxHxSxK)
     stats = jnp.promote_types(scores_BxHxTxS.dtype, jnp.float32)
     scores_BxHxTxS = scores_BxHxTxS.astype(stats) / np.sqrt(q_BxTxHxK.shape[-1])
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(stats).min)
-    probs_BxHxTxS = drop_probs(jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype))
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+    probs_BxHxTxS = drop_probs(jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxHxSxK.dtype))
+    return jnp.einsum("bhts,bhsk->bthk", probs_BxHxTxS, v_BxHxSxK)
 
 
 class CausalSelfAttention(nn.Module):
@@ -95,7 +100,8 @@ class CausalSelfAttention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, valid_BxT=None, *, offset=None, decode=False, train=False):
+    def __call__(self, x_BxTxD, valid_BxT=None, *, offset=None, decode=False, train=False,
+                 layer=0):
         """Attend; with `decode`, write this call's keys/values into the cache at `offset`.
 
         Args:
@@ -103,6 +109,8 @@ class CausalSelfAttention(nn.Module):
           valid_BxT: optional bool mask of real (non-pad) tokens; pad keys are never attended.
           offset: int32 (B,) (or a scalar for every row), cache position of each row's first
             token of this call (decode only).
+          layer: this block's index from 0, an int or (scanned layers) an int32 scalar; with
+            `attn_scale_by_layer` the scores are divided by layer + 1.
         Returns:
           (B, T, D) output.
         """
@@ -112,36 +120,39 @@ class CausalSelfAttention(nn.Module):
         dense = lambda n, name: nn.Dense(n, dtype=_dtype(cfg), kernel_init=_INIT, name=name)
         qkv_BxTx3D = dense(3 * cfg.d_model, "qkv")(x_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(qkv_BxTx3D.reshape(B, T, 3 * H, K), 3, axis=2)
+        k_BxHxTxK, v_BxHxTxK = k_BxTxHxK.swapaxes(1, 2), v_BxTxHxK.swapaxes(1, 2)
         q_pos_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if decode:
             S = cfg.max_len
             offset_B = jnp.broadcast_to(offset, (B,))
-            # Each row's T new entries at its own offset (a row's update of its (S, ...) cache).
-            write = jax.vmap(lambda cache, new, at: jax.lax.dynamic_update_slice_in_dim(
-                cache, new, at, axis=0))
-            cached_k = self.variable("cache", "key", jnp.zeros, (B, S, H, K), k_BxTxHxK.dtype)
-            cached_v = self.variable("cache", "value", jnp.zeros, (B, S, H, K), v_BxTxHxK.dtype)
-            cached_k.value = write(cached_k.value, k_BxTxHxK, offset_B)
-            cached_v.value = write(cached_v.value, v_BxTxHxK, offset_B)
-            k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
+            # Each row's T new entries at its own offset (a row's update of its cache along S).
+            write = lambda axis: jax.vmap(lambda cache, new, at: (
+                jax.lax.dynamic_update_slice_in_dim(cache, new, at, axis=axis)))
+            cached_k = self.variable("cache", "key", jnp.zeros, (B, H, S, K), k_BxTxHxK.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, (B, H, S, K), v_BxTxHxK.dtype)
+            cached_k.value = write(1)(cached_k.value, k_BxHxTxK, offset_B)
+            cached_v.value = write(1)(cached_v.value, v_BxHxTxK, offset_B)
+            k_BxHxSxK, v_BxHxSxK = cached_k.value, cached_v.value
             q_pos_BxT = q_pos_BxT + offset_B[:, None]
             # Pads are cached too (as "pad", so init_cache's zeros mean "all valid"): a pad
             # written by an earlier call stays unattended.
             cached_pad = self.variable("cache", "pad", jnp.zeros, (B, S), bool)
             if valid_BxT is not None:
-                cached_pad.value = write(cached_pad.value, ~valid_BxT.astype(bool), offset_B)
+                cached_pad.value = write(0)(cached_pad.value, ~valid_BxT.astype(bool), offset_B)
             valid_BxT = ~cached_pad.value
         else:
-            S, k_BxSxHxK, v_BxSxHxK = T, k_BxTxHxK, v_BxTxHxK
+            S, k_BxHxSxK, v_BxHxSxK = T, k_BxHxTxK, v_BxHxTxK
         mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
         if valid_BxT is not None:
             mask_BxTxS = mask_BxTxS & valid_BxT[:, None, :]
+        if cfg.attn_scale_by_layer:  # scaling the queries scales the scores, fused or not
+            q_BxTxHxK = q_BxTxHxK / jnp.asarray(layer + 1, q_BxTxHxK.dtype)
         drop = nn.Dropout(cfg.dropout)
         # The fused call has no dropout; decoding (few queries against the cache) and every
         # other backend or dtype take the explicit path (XLA's fused call is no faster on CPUs).
         plain = not decode and not (train and cfg.dropout > 0)
         fused = "cudnn" if plain and cudnn_attention_fits(q_BxTxHxK) else None
-        out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, fused=fused,
+        out_BxTxHxK = attention(q_BxTxHxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, fused=fused,
                                 drop_probs=lambda p: drop(p, deterministic=not train))
         return dense(cfg.d_model, "out")(out_BxTxHxK.reshape(B, T, cfg.d_model))
 
@@ -166,12 +177,13 @@ class Block(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, valid_BxT=None, offset=None, decode=False, train=False):
+    def __call__(self, x_BxTxD, valid_BxT=None, offset=None, decode=False, train=False,
+                 layer=0):
         cfg = self.config
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name=name)
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=not train)
         attend = lambda y: CausalSelfAttention(cfg, name="attn")(
-            y, valid_BxT, offset=offset, decode=decode, train=train)
+            y, valid_BxT, offset=offset, decode=decode, train=train, layer=layer)
         mlp = FeedForward(cfg, name="mlp")
         if cfg.norm == "pre":
             x_BxTxD = x_BxTxD + drop(attend(norm("ln1")(x_BxTxD)))
@@ -213,16 +225,18 @@ class Trunk(nn.Module):
         block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         if cfg.scan_layers:
             # One block traced once and run L times by lax.scan over parameters (and caches)
-            # stacked on a leading layer axis: trunk/blocks/... of shape (L, ...).
-            body = lambda mdl, x, valid, at: (mdl(x, valid, at, decode, train), None)
+            # stacked on a leading layer axis: trunk/blocks/... of shape (L, ...); the layer
+            # index is scanned over too.
+            body = lambda mdl, x, valid, at, i: (mdl(x, valid, at, decode, train, i), None)
             layers = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                              split_rngs={"params": True, "dropout": True},
-                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.layers)
-            x_BxTxD, _ = layers(block(cfg, name="blocks"), x_BxTxD, valid_BxT, offset_B)
+                             in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.layers)
+            x_BxTxD, _ = layers(block(cfg, name="blocks"), x_BxTxD, valid_BxT, offset_B,
+                                jnp.arange(cfg.layers))
         else:
             for i in range(cfg.layers):
                 x_BxTxD = block(cfg, name=f"block_{i}")(x_BxTxD, valid_BxT, offset_B, decode,
-                                                        train)
+                                                        train, i)
         if cfg.norm == "pre":
             x_BxTxD = nn.LayerNorm(cfg.layer_norm_eps, dtype=_dtype(cfg), name="ln_f")(x_BxTxD)
         return x_BxTxD
@@ -252,8 +266,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BxTxV = h_BxTxD.astype(_dtype(cfg)) @ embed.embedding.astype(_dtype(cfg)).T
         else:
-            logits_BxTxV = nn.Dense(cfg.outputs, dtype=_dtype(cfg), kernel_init=_INIT,
-                                    name="head")(h_BxTxD)
+            logits_BxTxV = nn.Dense(cfg.outputs, use_bias=cfg.head_bias, dtype=_dtype(cfg),
+                                    kernel_init=_INIT, name="head")(h_BxTxD)
         return logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
 
 

@@ -253,6 +253,7 @@ class _Loop:
     starts_sharding: Any
     val_all: Any
     val_some: Any
+    frozen: Any
     log: MetricsLog
     started: float  # time.perf_counter() when the loop began
 
@@ -268,7 +269,9 @@ class _Loop:
                    training.compile_evaluate(mesh, task.eval_loss),
                    jax.jit(training.learning_rate(tcfg)),  # one compiled call, not ten eager ops
                    parallel.place(batches.source, parallel.replicated(mesh)),
-                   parallel.split_batches(mesh), val_all, val_some, log, time.perf_counter())
+                   parallel.split_batches(mesh), val_all, val_some,
+                   parallel.place(task.frozen, parallel.replicated(mesh)), log,
+                   time.perf_counter())
 
     def chunk(self, state, step: int, ckpt: RunCheckpoints, note, bar
               ) -> tuple[training.TrainState, dict, bool]:
@@ -279,7 +282,7 @@ class _Loop:
                 tcfg.eval_every - step % tcfg.eval_every, tcfg.save_every - step % tcfg.save_every)
         tick = time.perf_counter()
         state, out = self.train_chunk(state, self.source, parallel.place(
-            batches.starts(step, n), self.starts_sharding))
+            batches.starts(step, n), self.starts_sharding), self.frozen)
         losses = _finite_losses(out, step, tcfg.on_nan, ckpt, note)
         step += n
         tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
@@ -301,10 +304,11 @@ class _Loop:
         tcfg, kind = self.task.config.train, self.task.kind
         target, last = tcfg.target_loss, step == tcfg.total_steps()
         ev = training.evaluate(self.evaluate_fn, state.params,
-                               self.val_all if last else self.val_some)
+                               self.val_all if last else self.val_some, self.frozen)
         reached = False
         if target is not None and ev["loss"] <= target and not last:
-            ev = training.evaluate(self.evaluate_fn, state.params, self.val_all)  # confirm
+            ev = training.evaluate(self.evaluate_fn, state.params, self.val_all,  # confirm
+                                   self.frozen)
             reached = ev["loss"] <= target
         record["val_loss"] = ev["loss"]
         bits = ""

@@ -196,9 +196,12 @@ def loss_and_grads(loss_fn: LossFn, params: Any, rows_BxS: jax.Array, rng: jax.A
 
 
 def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation, micro_batches: int = 1
+               tx: optax.GradientTransformation, micro_batches: int = 1, frozen: Any = None
                ) -> tuple[TrainState, dict]:
     """One optimiser step on one batch. Pure; jit it with the batch sharded over `data`.
+
+    `frozen` (a dict, or None) holds parameters the loss reads but nothing trains (LoRA's base
+    model): the loss sees them merged with the trained ones, `{**frozen, **state.params}`.
 
     A non-finite loss or gradient leaves the parameters and optimizer state as they were (the
     step count still advances, as the data position does); `finite` reports it.
@@ -207,7 +210,8 @@ def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
       the new state and metrics {"loss", "grad_norm", "finite"} (scalars).
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = loss_and_grads(loss_fn, state.params, rows_BxS, rng, micro_batches)
+    loss, grads = loss_and_grads(with_frozen(loss_fn, frozen), state.params, rows_BxS, rng,
+                                 micro_batches)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -218,18 +222,27 @@ def train_step(state: TrainState, rows_BxS: jax.Array, *, loss_fn: LossFn,
     return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def with_frozen(loss_fn: LossFn, frozen: Any) -> LossFn:
+    """`loss_fn` of the trained parameters alone, the `frozen` ones (a dict, or None) merged in."""
+    return loss_fn if frozen is None else lambda p, rows, rng: loss_fn({**frozen, **p}, rows, rng)
+
+
 def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation, row_len: int,
                         micro_batches: int = 1):
     """A jit-compiled function running len(starts) steps in one call (`lax.scan`).
 
-    (state, source, starts_KxB) -> (state, metrics of shape (K,)). The batches are gathered
-    on device from the replicated `source` (an (N, ...) array or a pytree of them); their rows
-    are split across the mesh. The old state is donated, so parameters are updated in place.
+    (state, source, starts_KxB, frozen) -> (state, metrics of shape (K,)). The batches are
+    gathered on device from the replicated `source` (an (N, ...) array or a pytree of them);
+    their rows are split across the mesh. `frozen`: see `train_step` (None for none), an
+    argument so that a large base model is an input of the program, never a constant in it.
+    The old state is donated, so parameters are updated in place.
     """
     replicated, rows_sharding = parallel.replicated(mesh), parallel.split_rows(mesh)
-    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, micro_batches=micro_batches)
 
-    def chunk(state, source, starts_KxB):
+    def chunk(state, source, starts_KxB, frozen):
+        step = functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+                                 micro_batches=micro_batches, frozen=frozen)
+
         def body(state, starts_B):
             rows_BxS = jax.lax.with_sharding_constraint(
                 gather(source, starts_B, row_len), rows_sharding)
@@ -237,24 +250,27 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
 
         return jax.lax.scan(body, state, starts_KxB)
 
-    return jax.jit(chunk, in_shardings=(replicated, replicated, parallel.split_batches(mesh)),
+    return jax.jit(chunk, in_shardings=(replicated, replicated, parallel.split_batches(mesh),
+                                        replicated),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def compile_evaluate(mesh, loss_fn: LossFn):
-    """A jit-compiled (params, rows_NxBxS) -> (loss_sum, count) over N batches of rows (a pytree
-    of such arrays), for an evaluation-mode loss such as `lm_loss(model, pad_id, train=False)`."""
-    def evaluate(params, rows_NxBxS):
+    """A jit-compiled (params, rows_NxBxS, frozen) -> (loss_sum, count) over N batches of rows
+    (a pytree of such arrays), for an evaluation-mode loss such as `lm_loss(model, pad_id,
+    train=False)`; `frozen` as for `compile_train_chunk`."""
+    def evaluate(params, rows_NxBxS, frozen):
         rng = jax.random.PRNGKey(0)  # unused: no dropout in evaluation mode
-        sums, counts = jax.lax.map(lambda rows: loss_fn(params, rows, rng), rows_NxBxS)
+        loss = with_frozen(loss_fn, frozen)
+        sums, counts = jax.lax.map(lambda rows: loss(params, rows, rng), rows_NxBxS)
         return jnp.sum(sums), jnp.sum(counts)
 
-    return jax.jit(evaluate, in_shardings=(parallel.replicated(mesh),
-                                           parallel.split_batches(mesh)))
+    replicated = parallel.replicated(mesh)
+    return jax.jit(evaluate, in_shardings=(replicated, parallel.split_batches(mesh), replicated))
 
 
-def evaluate(evaluate_fn, params, rows_NxBxS) -> dict:
+def evaluate(evaluate_fn, params, rows_NxBxS, frozen=None) -> dict:
     """The lecture's `totalavgloss` (summed token loss over token count) and bits per token."""
-    total, count = evaluate_fn(params, rows_NxBxS)
+    total, count = evaluate_fn(params, rows_NxBxS, frozen)
     loss = float(total) / max(float(count), 1.0)
     return {"loss": loss, "bpc": loss / np.log(2.0)}

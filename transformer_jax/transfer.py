@@ -9,10 +9,14 @@ tied token embedding), so training starts from the pretrained model's prediction
   training windows (as many as cover the training tokens once, drawn like every other batch) and
   for the validation windows; each step then costs one (B·T, D) x (D, V') product instead of a
   forward pass through GPT-2 (the lecture caches its batches the same way).
+- `finetune="lora"`: the trunk stays fixed too, but low-rank adapters of its weight matrices
+  (`lora`) are trained with the new layer; each step is a forward and backward pass through
+  GPT-2, with Adam state for the adapters and the head only.
 - `finetune="full"`: every parameter is trained, the new layer included.
 
-Checkpoints hold only what is trained (a head-only run: the head, with its Adam state); their
-metadata names the base model and the sha256 of its weights, which resuming and sampling check.
+Checkpoints hold only what is trained (a head-only run: the head, with its Adam state; a LoRA
+run: the adapters and the head); their metadata names the base model and the sha256 of its
+weights, which resuming and sampling check.
 The task itself (what is trained, and how a checkpoint is read back) is `tasks.transfer`.
 """
 
@@ -37,10 +41,11 @@ def base_identity(name_or_path: str, directory: Path) -> dict:
     """What a run records of its base model: its name (a local one made absolute) and the
     sha256 of its weights."""
     local = Path(name_or_path).expanduser()
-    digest = hashlib.sha256()
-    with open(directory / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+    digest = hashlib.sha256()  # of the one weights file, or of the index and its shards
+    for path in gpt2.weight_files(directory):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     return {"model": str(local.absolute()) if local.exists() else name_or_path,
             "sha256": digest.hexdigest()}
 
@@ -57,26 +62,26 @@ def load_base(name_or_path: str, expected: dict | None = None):
 
 
 def restricted_head(embedding_VxD: np.ndarray, tokens: np.ndarray) -> dict:
-    """GPT-2's tied prediction layer restricted to `tokens`: kernel (D, V'), zero bias (V',)."""
-    return {"kernel": jnp.asarray(embedding_VxD[tokens].T),
-            "bias": jnp.zeros(len(tokens), jnp.float32)}
+    """GPT-2's tied prediction layer restricted to `tokens`: kernel (D, V'), no bias (GPT-2's
+    lm_head has none, so the trained head exports as one)."""
+    return {"kernel": jnp.asarray(embedding_VxD[tokens].T)}
 
 
 def full_vocabulary_head(head: dict, tokens: np.ndarray, vocab_size: int) -> dict:
-    """A restricted head (kernel (D, V'), bias (V',)) mapped back onto the whole vocabulary:
-    tokens outside `tokens` get a logit of -1e9, so they are never sampled and the sampler works
-    with GPT-2's ids throughout."""
+    """A restricted head (kernel (D, V'), and a bias (V',) in runs trained before heads lost
+    theirs) mapped back onto the whole vocabulary: tokens outside `tokens` get a logit of -1e9,
+    so they are never sampled and the sampler works with GPT-2's ids throughout."""
     tokens = jnp.asarray(tokens)
     d_model = head["kernel"].shape[0]
     return {"kernel": jnp.zeros((d_model, vocab_size)).at[:, tokens].set(head["kernel"]),
-            "bias": jnp.full(vocab_size, _NEVER).at[tokens].set(head["bias"])}
+            "bias": jnp.full(vocab_size, _NEVER).at[tokens].set(head.get("bias", 0.0))}
 
 
 def head_loss(params, rows, rng):
     """Cross-entropy of the new head on cached hidden states: rows {"h": (B, T, D), "y": (B, T)}
     with y the index of the next token among the corpus's tokens, -1 where there is none."""
     head = params["head"]
-    logits_BxTxV = rows["h"] @ head["kernel"] + head["bias"]
+    logits_BxTxV = rows["h"] @ head["kernel"] + head.get("bias", 0.0)
     return training.token_losses(logits_BxTxV, jnp.maximum(rows["y"], 0), rows["y"] >= 0)
 
 

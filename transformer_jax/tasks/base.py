@@ -23,7 +23,9 @@ class Task:
 
     `train_loss` and `eval_loss` are the loss with and without dropout; `init_params()` returns
     fresh trained parameters; `val_rows` is every validation row as (N, B, S, ...) batches;
-    `meta` (JSON) identifies the model and data and is saved with every checkpoint.
+    `meta` (JSON) identifies the model and data and is saved with every checkpoint; `frozen`
+    (a dict, or None) holds parameters the losses read but nothing trains or saves (LoRA's
+    base model): they see `{**frozen, **params}`.
     """
 
     kind: TaskKind
@@ -34,6 +36,7 @@ class Task:
     batches: Batches
     val_rows: Any
     meta: dict
+    frozen: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Transfer learning from a pretrained GPT-2 (see `transformer_jax.transfer` for the method):
-the trunk frozen under a new head over the corpus's tokens, or every parameter fine-tuned."""
+the trunk frozen under a new head over the corpus's tokens (alone, or with LoRA adapters), or
+every parameter fine-tuned."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
-from transformer_jax import data, training
+from transformer_jax import data, lora, training
 from transformer_jax.config import PRETRAINED_MODEL_FIELDS, Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, count_params, layered, param_shapes
@@ -40,6 +42,7 @@ def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) ->
         raise UserError(f"the tokenizer of {tcfg.init} gives ids beyond its model's vocabulary "
                         f"({base_cfg.vocab_size})")
     cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=len(tokens),
+                              head_bias=False,
                               **{k: getattr(config.model, k) for k in PRETRAINED_MODEL_FIELDS})
     params0 = layered(params0, cfg.scan_layers)
     config = Config(cfg, tcfg)
@@ -49,11 +52,20 @@ def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) ->
         f"fine-tuning: {tcfg.finetune}")
     index = np.zeros(max(base_cfg.vocab_size, pad + 1), np.int32)  # token id -> head output
     index[tokens] = np.arange(len(tokens))
-    if tcfg.finetune == "full":
+    if tcfg.finetune != "head":
         model = Transformer(cfg)
-        loss = lambda train: training.lm_loss(model, pad, train=train, target_ids=index)
-        return Task(KIND, config, loss(True), loss(False), lambda: {**params0, "head": new_head},
-                    batches, val_rows, meta)
+        lm_loss = lambda train: training.lm_loss(model, pad, train=train, target_ids=index)
+        if tcfg.finetune == "full":
+            return Task(KIND, config, lm_loss(True), lm_loss(False),
+                        lambda: {**params0, "head": new_head}, batches, val_rows, meta)
+        scale = _lora_scale(tcfg)
+        loss = lambda train: lambda params, rows, rng: lm_loss(train)(
+            lora.merged(params, scale), rows, rng)
+        adapters = lambda: lora.init_adapters(params0, _lora_targets(tcfg), tcfg.lora_rank,
+                                              jax.random.PRNGKey(tcfg.seed))
+        return Task(KIND, config, loss(True), loss(False),
+                    lambda: {"head": new_head, "lora": adapters()}, batches, val_rows, meta,
+                    frozen=params0)
     features = lambda rows: hidden_states(cfg, params0, rows, pad, mesh, tcfg.batch_size, quiet)
     pool, val = _cached_rows(features, batches, val_rows, index, pad, tcfg, say)
     return Task(KIND, config, head_loss, head_loss, lambda: {"head": new_head}, pool, val, meta)
@@ -87,16 +99,30 @@ def load(config: Config, meta: dict, restore, step: int) -> Trained:
     """The run's model over GPT-2's whole vocabulary (`full_vocabulary_head`), with GPT-2's
     tokenizer; the base model is loaded again and checked against the recorded sha256."""
     _, params0, tokenizer, _ = load_base(meta["base"]["model"], meta["base"])
-    shapes = param_shapes(config.model)
-    if config.train.finetune == "head":
+    tcfg, shapes = config.train, param_shapes(config.model)
+    if tcfg.finetune == "head":
         params = {**params0, **restore({"head": shapes["head"]})}
+    elif tcfg.finetune == "lora":
+        adapters = jax.eval_shape(lambda: lora.init_adapters(
+            params0, _lora_targets(tcfg), tcfg.lora_rank, jax.random.PRNGKey(0)))
+        trained = restore({"head": shapes["head"], "lora": adapters})
+        params = lora.merged({**params0, **trained}, _lora_scale(tcfg))
     else:
         params = restore(shapes)
-    cfg = dataclasses.replace(config.model, head_size=0)
+    cfg = dataclasses.replace(config.model, head_size=0, head_bias=True)
     head = full_vocabulary_head(params["head"], np.asarray(meta["tokens"]), cfg.vocab_size)
     return Trained(KIND, Config(cfg, config.train),
                    layered({**params, "head": head}, cfg.scan_layers), step, tokenizer=tokenizer,
                    targets=np.asarray(meta["tokens"]))
+
+
+def _lora_targets(tcfg) -> tuple[str, ...]:
+    return tuple(tcfg.lora_targets.split(","))
+
+
+def _lora_scale(tcfg) -> float:
+    """alpha / r: the adapters' update is scaled so that its size does not depend on r."""
+    return tcfg.lora_alpha / tcfg.lora_rank
 
 
 KIND = TaskKind("transfer", unit="token", reader="sample", cross_entropy=True,
