@@ -19,7 +19,6 @@ Needs `tokenizers` and `safetensors` (the `gpt2` extra); `transformers` itself i
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -42,12 +41,7 @@ _ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu":
 
 
 def _need(module: str):
-    """Import an optional dependency of the `gpt2` extra, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"exporting needs {module.split('.')[0]}: "
-                        "pip install 'transformer-jax[gpt2]'") from None
+    return gpt2.need(module, "exporting")
 
 
 def differences(config: TransformerConfig) -> list[str]:

@@ -104,12 +104,12 @@ _SPACE_AFTER_WORD_REVERSED = re.compile(r"\s(?=\S)")
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
 
 
-def _need(module: str):
+def need(module: str, doing: str = "loading GPT-2"):
     """Import an optional dependency of the `gpt2` extra, or say how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"loading GPT-2 needs {module.split('.')[0]}: "
+        raise UserError(f"{doing} needs {module.split('.')[0]}: "
                         "pip install 'transformer-jax[gpt2]'") from None
 
 
@@ -128,7 +128,7 @@ class BPETokenizer:
     @classmethod
     def from_dir(cls, directory: str | Path) -> BPETokenizer:
         """From `tokenizer.json`, else from `vocab.json` + `merges.txt` set up as GPT-2's."""
-        tokenizers, directory = _need("tokenizers"), Path(directory)
+        tokenizers, directory = need("tokenizers"), Path(directory)
         if (directory / "tokenizer.json").is_file():
             return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
         vocab, merges = directory / "vocab.json", directory / "merges.txt"
@@ -343,7 +343,7 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, as float32 whatever its stored type (float16 and
     bfloat16 included: numpy holds the latter through ml_dtypes)."""
-    safetensors = _need("safetensors")
+    safetensors = need("safetensors")
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
             return {name: f.get_tensor(name).astype(np.float32, copy=False) for name in f.keys()}
@@ -376,7 +376,7 @@ def read_weights(files: list[Path]) -> dict[str, np.ndarray]:
 def _download(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
     """The snapshot of a hub repository in the Hugging Face cache, with the files matching
     `patterns` fetched if need be."""
-    hub, errors = _need("huggingface_hub"), _need("huggingface_hub.errors")
+    hub, errors = need("huggingface_hub"), need("huggingface_hub.errors")
     try:
         return Path(hub.snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
     except errors.HFValidationError:
