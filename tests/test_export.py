@@ -47,11 +47,13 @@ def train(run_dir: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A head-only and a full fine-tune of the tiny GPT-2, and a character model of GPT-2's
-    architecture trained with stream batching (so its prompts start with the start symbol)."""
+    """A head-only, a LoRA and a full fine-tune of the tiny GPT-2, and a character model of
+    GPT-2's architecture trained with stream batching (so its prompts start with the start
+    symbol)."""
     root = tmp_path_factory.mktemp("runs")
     return {
         "head": train(root / "head", init=str(GPT2), finetune="head"),
+        "lora": train(root / "lora", init=str(GPT2), finetune="lora", lora_targets="qkv,up"),
         "full": train(root / "full", init=str(GPT2), finetune="full", lr=1e-3),
         "char": train(root / "char", d_model=16, layers=2, heads=2, d_ff=32, max_len=48,
                       norm="pre", positions="learned", activation="gelu_tanh",
@@ -104,7 +106,7 @@ def check_export(run_dir: Path, out: Path, capsys, new: int = 30) -> float:
     return diff
 
 
-@pytest.mark.parametrize("finetune", ["head", "full"])
+@pytest.mark.parametrize("finetune", ["head", "lora", "full"])
 def test_transfer_run_exports_to_a_gpt2_that_transformers_loads(runs, tmp_path, capsys,
                                                                  finetune):
     out = tmp_path / "hf"
@@ -116,6 +118,15 @@ def test_transfer_run_exports_to_a_gpt2_that_transformers_loads(runs, tmp_path, 
     assert hf.generation_config.suppress_tokens == unused.tolist()
     weight = hf.lm_head.weight.detach().numpy()
     assert not weight[unused].any() and weight[trained.targets].any()
+    # the trunk: the base's for a head-only run, LoRA's merged into what it adapts (qkv, up)
+    base = transformers.GPT2LMHeadModel.from_pretrained(GPT2).state_dict()
+    changed = {name for name, w in hf.state_dict().items()
+               if name.startswith("transformer.") and not torch.equal(w, base[name])}
+    block = {"head": set(), "lora": {"attn.c_attn.weight", "mlp.c_fc.weight"}}.get(finetune)
+    if block is not None:
+        assert changed == {f"transformer.h.{i}.{n}" for i in range(2) for n in block}
+    else:
+        assert "transformer.wte.weight" in changed and "transformer.h.1.mlp.c_proj.bias" in changed
     # the base model's tokenizer, as it is: a prompt encodes as our BPE does
     tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "They say economics is the dismal science <|endoftext|> ok"

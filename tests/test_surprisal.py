@@ -9,6 +9,7 @@ import html.parser
 import json
 import math
 import time
+from pathlib import Path
 
 import browser
 import numpy as np
@@ -183,6 +184,7 @@ def test_write_page_writes_utf8(tmp_path):
 
 def test_a_missing_browser_skips_unless_required(monkeypatch, tmp_path):
     monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setattr(browser, "CHROMEDRIVER", Path(__file__))  # present: only one missing
     monkeypatch.delenv("TJ_REQUIRE_BROWSER", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no-chromium not installed"):
         browser.or_skip()
