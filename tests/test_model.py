@@ -16,10 +16,12 @@ from transformer_jax.config import TransformerConfig
 from transformer_jax.model import (
     Transformer,
     Trunk,
+    cache_prefix,
     count_params,
     init_cache,
     init_params,
     layered,
+    put_cache_prefix,
     sinusoidal_positions,
 )
 
@@ -396,7 +398,8 @@ def test_remat_gives_the_same_parameters_loss_and_gradients():
     remat = with_(cfg, remat=True)
     assert (jax.tree.structure(init_params(remat, jax.random.PRNGKey(0)))
             == jax.tree.structure(params))
-    (a, ga), (b, gb) = (jax.value_and_grad(functools.partial(loss, c))(params)
+    # compiled, as training runs it (linen's op-by-op eager backward pass takes half a minute)
+    (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(functools.partial(loss, c)))(params)
                         for c in (cfg, remat))
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
@@ -467,3 +470,30 @@ def test_scanned_layers_decode_with_a_stacked_cache_like_the_full_pass():
     for t in range(6, 9):
         logits, vars_ = step(vars_["cache"], jnp.asarray(ids[:, t:t + 1]))
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_cache_prefix_decodes_as_the_whole_cache_and_goes_back_into_it(scan_layers):
+    """Steps over the first S positions of the cache give the logits of the full pass (as the
+    whole cache does), and the prefix put back gives the whole cache those steps would."""
+    unrolled = tiny_config(layers=2, max_len=16)
+    cfg = with_(unrolled, scan_layers=scan_layers)
+    params = layered(random_params(unrolled, seed=6), scan_layers)
+    ids = _ids(cfg, 2, 8)
+    full = _logits(cfg, params, ids)
+    model = Transformer(cfg)
+    step = jax.jit(lambda cache, ids: model.apply({"params": params, "cache": cache}, ids,
+                                                  decode=True, mutable=["cache"]))
+    _, vars_ = step(init_cache(cfg, 2), jnp.asarray(ids[:, :5]))
+    whole = prefix = vars_["cache"]
+    prefix = cache_prefix(whole, 8)
+    key = "blocks" if scan_layers else "block_0"
+    assert prefix["trunk"][key]["attn"]["key"].shape[-2] == 8
+    assert prefix["trunk"][key]["attn"]["pad"].shape[-1] == 8
+    for t in range(5, 8):
+        logits, vars_ = step(vars_["cache"], jnp.asarray(ids[:, t:t + 1]))
+        short, prefix = step(prefix, jnp.asarray(ids[:, t:t + 1]))
+        prefix = prefix["cache"]
+        np.testing.assert_allclose(short[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(short, logits)
+    jax.tree.map(np.testing.assert_array_equal, put_cache_prefix(whole, prefix), vars_["cache"])

@@ -14,6 +14,7 @@ import pytest
 from conftest import forward, random_params, tiny_config
 from hypothesis import given, settings, strategies as st
 
+from transformer_jax import sampling
 from transformer_jax.config import Config, TrainConfig
 from transformer_jax.model import Transformer, init_cache
 from transformer_jax.sampling import (
@@ -444,6 +445,30 @@ def test_rows_of_different_prompts_placed_at_different_times_each_decode_as_if_a
     assert not decoder.left.any()
 
 
+def test_batched_chunks_read_the_cache_prefix_they_need_and_decode_as_alone(soft_params,
+                                                                          monkeypatch):
+    """From 4 rows on a chunk reads the cache's first W/4, W/2 or all W positions, the fewest
+    that hold every live row to the chunk's end: one-step chunks from one-token prompts pass
+    through all three and the slides, each row equal to `generate` of its prompt alone; a
+    prefix too short for the rows is refused."""
+    asks = [([5], 0.0), ([3], 1.0), ([2], 0.7), ([7], 0.0)]
+    alone = [_gen(soft_params, prompt, rng=jax.random.PRNGKey(10 + i), temperature=t)[0].tolist()
+             for i, (prompt, t) in enumerate(asks)]
+    seen, chunk = [], sampling._chunk
+    monkeypatch.setattr(sampling, "_chunk",
+                        lambda *a, **k: seen.append(k["span"]) or chunk(*a, **k))
+    decoder = _decoder(soft_params, 4, max_chunk=1, chunk_seconds=None)
+    assert decoder.spans(4) == [W // 4, W // 2, W] and decoder.spans(2) == [W]
+    for i, (prompt, t) in enumerate(asks):
+        decoder.place([i], prompt, jax.random.split(jax.random.PRNGKey(10 + i), 1),
+                      max_new_tokens=N, temperature=t)
+    got = [new[new != FREE].tolist() for new in decoder.advance()]  # positions 1 -> 2
+    with pytest.raises(ValueError, match=f"span={W // 4} is not one of"):
+        decoder.advance(span=W // 4)  # a step from position 2 needs 3
+    assert [a + b for a, b in zip(got, _drain(decoder))] == alone
+    assert seen[:3] == [W // 4, W // 2, W // 2] and set(seen) == {W // 4, W // 2, W}
+
+
 def test_streamed_chunks_give_the_tokens_of_one_call(soft_params):
     prompt, rng = [3, 1, 4], jax.random.PRNGKey(2)
     one_call = _gen(soft_params, prompt, num_samples=2, rng=rng)
@@ -547,7 +572,7 @@ def _sampler(params, rows=3, **kw):
 
 
 def test_a_request_of_n_samples_is_generate_with_its_seed(soft_params):
-    sampler = _sampler(soft_params)
+    sampler = _sampler(soft_params, ignore_end=True)  # generate knows no end symbol
     job = sampler.start("a c", Settings(N, 1.0, 1.0, n=3, seed=9))
     texts = ["", "", ""]
     for piece in sampler.run(job):

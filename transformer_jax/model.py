@@ -7,7 +7,9 @@ K head dim, F feed-forward size, V vocabulary.
 Decoding (`decode=True`, mutable "cache") appends the T tokens of the call to a key/value cache
 of length `max_len` at each row's own cache index (trunk/index, shape (B,)), so a prompt is one
 call (prefill), each new token one more, and the rows of a batch may be at different positions
-(sequences of different lengths decoded together). `init_cache` builds an empty cache.
+(sequences of different lengths decoded together). `init_cache` builds an empty cache. A cache
+may also be cut to its first S < max_len positions (`cache_prefix`): a step then reads only
+those, which is right while every row it serves stays below position S.
 """
 
 from __future__ import annotations
@@ -123,13 +125,14 @@ class CausalSelfAttention(nn.Module):
         k_BxHxTxK, v_BxHxTxK = k_BxTxHxK.swapaxes(1, 2), v_BxTxHxK.swapaxes(1, 2)
         q_pos_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         if decode:
-            S = cfg.max_len
             offset_B = jnp.broadcast_to(offset, (B,))
             # Each row's T new entries at its own offset (a row's update of its cache along S).
             write = lambda axis: jax.vmap(lambda cache, new, at: (
                 jax.lax.dynamic_update_slice_in_dim(cache, new, at, axis=axis)))
-            cached_k = self.variable("cache", "key", jnp.zeros, (B, H, S, K), k_BxTxHxK.dtype)
-            cached_v = self.variable("cache", "value", jnp.zeros, (B, H, S, K), v_BxTxHxK.dtype)
+            shape = (B, H, cfg.max_len, K)
+            cached_k = self.variable("cache", "key", jnp.zeros, shape, k_BxTxHxK.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, shape, v_BxTxHxK.dtype)
+            S = cached_k.value.shape[2]  # max_len, or fewer for a cache_prefix
             cached_k.value = write(1)(cached_k.value, k_BxHxTxK, offset_B)
             cached_v.value = write(1)(cached_v.value, v_BxHxTxK, offset_B)
             k_BxHxSxK, v_BxHxSxK = cached_k.value, cached_v.value
@@ -330,6 +333,29 @@ def empty_cache(model: nn.Module, example_Bx1: jax.Array) -> dict:
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), example_Bx1, decode=True)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _position_axis(path, leaf) -> int | None:
+    """The axis along positions of a cache leaf: the last but one of a key or value
+    ((L,) B, H, S, K), the last of a pad mask ((L,) B, S); None for trunk/index (B,)."""
+    name = path[-1].key
+    return leaf.ndim - 2 if name in ("key", "value") else leaf.ndim - 1 if name == "pad" else None
+
+
+def cache_prefix(cache: dict, S: int) -> dict:
+    """`cache` cut to its first S positions (the row indices kept): a decoding step over it
+    reads S positions instead of max_len, and writes a row at position >= S nowhere useful
+    (clamped to the last), so every live row must stay below S."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if (a := _position_axis(path, x)) is None
+        else jax.lax.slice_in_dim(x, 0, S, axis=a), cache)
+
+
+def put_cache_prefix(cache: dict, prefix: dict) -> dict:
+    """`cache` with its first positions (and the row indices) replaced by `prefix`'s."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, p: p if (a := _position_axis(path, x)) is None
+        else jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=a), cache, prefix)
 
 
 def layered(params: dict, scan_layers: bool) -> dict:

@@ -8,7 +8,8 @@ length, and requests arriving at different times, share one batch (a row is plac
 is free and stops changing when it finishes). A prompt is one forward pass (prefill), each new
 token one cached step. When a row's text outgrows the context window it slides: absolute
 positions cannot move inside a cache, so a full cache is refilled from the last half-window
-of text (one prefill per half-window of new tokens).
+of text (one prefill per half-window of new tokens). Batched steps read only as much of the
+cache as the rows use: its first quarter, half, or all of it (see `Decoder.advance`).
 
 `TextStream` turns a row's tokens into text as it grows, holding back what may still turn into
 a stop string; `Sampler` ties both to a tokenizer for prompts given as text (sample.py, the
@@ -30,9 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax.model import Transformer, empty_cache
+from transformer_jax.model import Transformer, cache_prefix, empty_cache, put_cache_prefix
 
 FREE = -1  # in a chunk's tokens: no token (the row had finished, or was free)
+# XLA's CPU compiler hands dots and their neighbours to YNNPACK fusions (experimental) by
+# default; for decoding steps (a few rows against the cache) they are slower than XLA's own
+# loops: at 16 rows of the `default` model, about 2x (benchmarks/RESULTS.md). Other backends
+# ignore this option.
+_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Batched chunks read a cache prefix only from this many rows on: one row's whole cache is
+# small (1 MB for the `default` model), and each prefix length is one more compiled program.
+_PREFIX_ROWS = 4
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
@@ -60,8 +69,13 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array,
         keep_BxV = (mass_before_BxV < top_p_Bx1) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
         cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    # Inverse transform: the first token whose cumulative probability reaches u ~ U(0, 1]
+    # (one uniform per row; Gumbel noise, jax.random.categorical's way, takes V of them, most
+    # of a small model's batched step on a CPU).
     keys_B = rng if jnp.ndim(rng) == 2 else jax.random.split(rng, B)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, logits_BxV)
+    u_Bx1 = 1.0 - jax.vmap(jax.random.uniform)(keys_B)[:, None]
+    mass_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV, axis=-1), axis=-1)
+    sampled_B = jnp.sum(mass_BxV < u_Bx1 * mass_BxV[:, -1:], axis=-1)
     return jnp.where(temperature_Bx1[:, 0] == 0, greedy_B, sampled_B)
 
 
@@ -160,13 +174,18 @@ def _draw(rows: Rows, top_k: int, draw: str):
     return token_B.astype(jnp.int32), split_Bx2x2[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk", "draw"),
-                   donate_argnums=1)
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk", "draw",
+                                             "span"),
+                   donate_argnums=1, compiler_options=_DECODE_COMPILER_OPTIONS)
 def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: int | None,
-           max_chunk: int, draw: str):
+           max_chunk: int, draw: str, span: int):
     """Up to `steps` (<= max_chunk) decoding steps of every live row, fewer once none is
-    live: (rows, tokens (B, max_chunk), FREE where a row produced nothing)."""
+    live: (rows, tokens (B, max_chunk), FREE where a row produced nothing). The steps read
+    the cache's first `span` positions (W: all), which must hold every live row's positions to
+    the end of the chunk (so no row refills unless span is W)."""
     B, W = rows.window_BxW.shape
+    whole = rows.cache
+    rows = rows.replace(cache=cache_prefix(whole, span))
     half = max(W // 2, 1)
     step = lambda cache, ids_Bx1: model.apply({"params": params, "cache": cache}, ids_Bx1,
                                               decode=True, mutable=["cache"])
@@ -179,7 +198,8 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
         window_W = jnp.concatenate([rows.window_BxW[b, W - half + 1:], token_B[b, None],
                                     jnp.zeros((W - half,), jnp.int32)])
         cache_1, logits_V = _row_cache(model, params, window_W[None, :half], half)
-        return _put_row(rows, b, cache_1, logits_V, window_W), full_B.at[b].set(False), token_B
+        return (_put_row(rows, b, cache_prefix(cache_1, span), logits_V, window_W),
+                full_B.at[b].set(False), token_B)
 
     def body(carry, slide: bool):
         """One step of every row; `slide`: a live row may have a full cache, and is then
@@ -217,7 +237,7 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
 
     out = jnp.full((B, max_chunk), FREE, jnp.int32)
     _, rows, out = jax.lax.while_loop(going, stretch, (jnp.int32(0), rows, out))
-    return rows, out
+    return rows.replace(cache=put_cache_prefix(whole, rows.cache)), out
 
 
 def _context(prompt_ids: Sequence[int], width: int) -> np.ndarray:
@@ -263,8 +283,9 @@ class Decoder:
                           temperature_B=jnp.ones((rows,), jnp.float32),
                           top_p_B=jnp.ones((rows,), jnp.float32),
                           left_B=jnp.zeros((rows,), jnp.int32))
-        # The host's copies: what each row may still produce (after each call), its settings.
-        self.left = np.zeros(rows, np.int64)
+        # The host's copies: what each row may still produce and its cache index (after each
+        # call), its settings.
+        self.left, self._index = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
         self._temperature, self._top_p = np.ones(rows), np.ones(rows)
 
     def place(self, slots: Sequence[int], prompt_ids: Sequence[int], keys, *,
@@ -282,7 +303,7 @@ class Decoder:
             self._rows = _place(self._rows, slot, cache_1, logits_V, window, key,
                                 np.float32(temperature), np.float32(top_p),
                                 np.int32(max_new_tokens))
-            self.left[slot] = max_new_tokens
+            self.left[slot], self._index[slot] = max_new_tokens, len(prompt)
             self._temperature[slot], self._top_p[slot] = temperature, top_p
 
     def finish(self, slots: Iterable[int]) -> None:
@@ -293,25 +314,42 @@ class Decoder:
             self._rows = _finish(self._rows, finished)
             self.left[finished] = 0
 
-    def advance(self) -> np.ndarray:
+    def _stepped(self) -> int:
+        """k: the rows the next chunk steps, the first k (a power of two past the last live
+        row, so few sizes compile): a free row would cost a step like a live one."""
+        live = np.flatnonzero(self.left > 0)
+        return self.size if not len(live) else min(1 << int(live[-1]).bit_length(), self.size)
+
+    def spans(self, k: int) -> list[int]:
+        """The cache prefixes a chunk of k rows may read: the whole window W, and from
+        _PREFIX_ROWS rows on W/4 and W/2 too (a batched step's cost is mostly its reading of
+        the cache: 16 rows of the `default` model read 16 MB)."""
+        W = self.width
+        return sorted({W, max(W // 4, 1), max(W // 2, 1)}) if k >= _PREFIX_ROWS else [W]
+
+    def advance(self, span: int | None = None) -> np.ndarray:
         """One compiled chunk: the tokens (B, C) it produced, FREE where a row produced none;
-        `left` then says which rows go on."""
+        `left` then says which rows go on. `span`: the cache prefix it reads (one of
+        `spans`; default: the shortest that holds every live row to the chunk's end)."""
         began = time.perf_counter()
         drawing = (self.left > 0) & (self._temperature > 0)
         draw = ("greedy" if not drawing.any() else
                 "nucleus" if (self._top_p[drawing] < 1).any() else "sample")
-        # Only the first k rows take the steps (k a power of two past the last live row, so
-        # few sizes compile): a free row would cost a step like a live one.
-        live = np.flatnonzero(self.left > 0)
-        k = self.size if not len(live) else min(1 << int(live[-1]).bit_length(), self.size)
+        k, live = self._stepped(), self.left > 0
+        reach = int(self._index[live].max(initial=0)) + self._steps  # positions it may fill
+        fits = [s for s in self.spans(k) if s >= min(reach, self.width)]
+        if span is not None and span not in fits:
+            raise ValueError(f"span={span} is not one of {fits}")
+        span = span or fits[0]
         if k == self.size:
             self._rows, out = _chunk(self.params, self._rows, np.int32(self._steps),
-                                     draw=draw, **self._static)
+                                     draw=draw, span=span, **self._static)
         else:
             part, out = _chunk(self.params, jax.tree.map(lambda x: x[:k], self._rows),
-                               np.int32(self._steps), draw=draw, **self._static)
+                               np.int32(self._steps), draw=draw, span=span, **self._static)
             self._rows = _put_first(self._rows, part)
         out, self.left = np.asarray(out), np.array(self._rows.left_B)
+        self._index = np.array(self._rows.cache["trunk"]["index"])
         out = np.concatenate([out, np.full((self.size - k, out.shape[1]), FREE, np.int32)])
         if self._chunk_seconds is not None:
             spent = max(time.perf_counter() - began, 1e-6)

@@ -235,16 +235,17 @@ class Ticket:
 def warm_up(sampler: sampling.Sampler) -> None:
     """Compile what serving runs before the first request comes: the prefill of each prompt
     length the decoder rounds to (powers of two from 8, and the whole window), placing a row,
-    a chunk of each number of rows it steps, and ending rows early (a stop string, a client
-    gone)."""
+    a chunk of each number of rows it steps and of each cache prefix it reads there, and ending
+    rows early (a stop string, a client gone)."""
     decoder = sampler.decoder
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
     for length in sorted({min(decoder.width, 8 << k) for k in range(decoder.width.bit_length())}):
         decoder.place([0], np.zeros(length, np.int32), keys, max_new_tokens=2)
     # A chunk steps the first k rows only (k a power of two past the last live one): each k.
     for last in sorted({min(1 << k, decoder.size) - 1 for k in range(decoder.size.bit_length())}):
-        decoder.place([last], np.zeros(1, np.int32), keys, max_new_tokens=2)
-        decoder.advance()
+        for span in decoder.spans(last + 1):
+            decoder.place([last], np.zeros(1, np.int32), keys, max_new_tokens=2)
+            decoder.advance(span)
     decoder.finish(range(decoder.size))
 
 
