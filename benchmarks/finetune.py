@@ -1,13 +1,16 @@
-"""Head-only, LoRA and full fine-tuning of GPT-2 124M's shapes: step time and peak memory.
+"""Head-only, LoRA and full fine-tuning at GPT-2 124M's shapes: step time, memory, checkpoint.
 
-    python benchmarks/finetune.py [--batch-size 8 --seq-len 256 --head-size 5000]
+    python benchmarks/finetune.py [--batch-size 8 --seq-len 256 --head-size 5000] [--remat]
 
 Random weights (speed and memory do not depend on them), one device. Each kind runs the
 training chunk that train.py compiles for it (AdamW; head-only on the frozen trunk's cached
 hidden states; LoRA with rank 8 on qkv and out, the base model an input, not trained; full:
-every parameter), and prints its seconds per step (best of --repeats, after compiling) and its
+every parameter), and prints its seconds per step (best of --repeats, after compiling), its
 peak memory as XLA's analysis of the compiled chunk gives it (arguments + outputs - donated +
-temporaries), with the ratios of LoRA's to full fine-tuning's.
+temporaries) and the size of its checkpoint (the arrays train.py saves: the trained parameters
+and AdamW's moments of them), with the ratios of LoRA's to full fine-tuning's. `--remat`
+recomputes each block's activations in the backward pass (train.py's --remat) for LoRA and
+full fine-tuning.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def measure(mesh, chunk, state, source, starts, frozen, repeats: int) -> tuple[float, int]:
-    """(best seconds of a one-step chunk, peak bytes of XLA's memory analysis of it)."""
+def measure(mesh, chunk, state, source, starts, frozen, repeats: int
+            ) -> tuple[float, int, object]:
+    """(best seconds of a one-step chunk, peak bytes of XLA's memory analysis of it, the state
+    after the steps)."""
     import jax
 
     from transformer_jax import parallel
@@ -39,7 +44,15 @@ def measure(mesh, chunk, state, source, starts, frozen, repeats: int) -> tuple[f
         state, out = compiled(state, source, starts, frozen)
         jax.block_until_ready(out)
 
-    return common.best_seconds(step, repeats), peak
+    return common.best_seconds(step, repeats), peak, state
+
+
+def checkpoint_bytes(state) -> int:
+    """Bytes of the arrays a run's checkpoint of `state` holds (orbax may compress them on
+    disk: after a few steps Adam's moments of rows no batch touched are still zero)."""
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
 def main() -> None:
@@ -49,6 +62,7 @@ def main() -> None:
     p.add_argument("--head-size", type=int, default=5000, help="tokens the corpus uses")
     p.add_argument("--layers", type=int, default=12, help="GPT-2 124M: 12")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--remat", action="store_true", help="recompute block activations")
     args = p.parse_args()
 
     import jax
@@ -61,7 +75,7 @@ def main() -> None:
     base_cfg = TransformerConfig(vocab_size=50257, d_model=768, layers=args.layers, heads=12,
                                  d_ff=3072, activation="gelu_tanh", max_len=1024)
     cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=args.head_size,
-                              head_bias=False)
+                              head_bias=False, remat=args.remat)
     B, T, V = args.batch_size, args.seq_len, args.head_size
     tcfg = TrainConfig(batch_size=B, seq_len=T, lr=1e-4)
     mesh = parallel.data_mesh(jax.devices()[:1])
@@ -85,15 +99,19 @@ def main() -> None:
     starts = parallel.place(np.arange(B, dtype=np.int32)[None] * T, parallel.split_batches(mesh))
     figures = {}
     for name, (loss, params, frozen, source, row_len) in kinds.items():
-        seconds, peak = measure(mesh, training.compile_train_chunk(mesh, loss, tx, row_len),
-                                training.fresh_state(params, tcfg, mesh), source, starts,
-                                frozen, args.repeats)
+        seconds, peak, state = measure(
+            mesh, training.compile_train_chunk(mesh, loss, tx, row_len),
+            training.fresh_state(params, tcfg, mesh), source, starts, frozen, args.repeats)
+        size = checkpoint_bytes(state)
+        del state
         print(f"{name}: {count_params(params):,} trained parameters, {seconds:.2f} s/step, "
-              f"peak memory {peak / 2**30:.2f} GiB", flush=True)
+              f"peak memory {peak / 2**30:.2f} GiB, checkpoint {size / 2**20:,.1f} MiB",
+              flush=True)
         figures[f"{name}_seconds_per_step"] = round(seconds, 3)
         figures[f"{name}_peak_gib"] = round(peak / 2**30, 3)
+        figures[f"{name}_checkpoint_mib"] = round(size / 2**20, 1)
     print(f"GPT-2 shapes: {count_params(base):,} parameters, batch {B} x {T}, head over {V} "
-          "tokens")
+          f"tokens, remat {args.remat}")
     common.report(**figures,
                   lora_to_full_peak_memory=round(figures["lora_peak_gib"]
                                                  / figures["full_peak_gib"], 3),
