@@ -180,11 +180,9 @@ def _draw(rows: Rows, top_k: int, draw: str):
 def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: int | None,
            max_chunk: int, draw: str, span: int):
     """Up to `steps` (<= max_chunk) decoding steps of every live row, fewer once none is
-    live: (rows, tokens (B, max_chunk), FREE where a row produced nothing). The steps read
-    the cache's first `span` positions (W: all), which must hold every live row's positions to
-    the end of the chunk (so no row refills unless span is W)."""
-    B, W = rows.window_BxW.shape
-    whole = rows.cache
+    live: (rows, tokens (B, max_chunk), FREE where a row produced nothing). The steps read the
+    cache's first `span` positions, which must hold every live row to the chunk's end."""
+    (B, W), whole = rows.window_BxW.shape, rows.cache
     rows = rows.replace(cache=cache_prefix(whole, span))
     half = max(W // 2, 1)
     step = lambda cache, ids_Bx1: model.apply({"params": params, "cache": cache}, ids_Bx1,
