@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_transfer import FIXTURE, PROMPT, config, songs, val_losses
 
-from transformer_jax import lora, run
+from transformer_jax import lora, parallel, run, tasks, training
 from transformer_jax.gpt2 import from_pretrained
 from transformer_jax.model import Transformer, layered
 
@@ -126,6 +126,24 @@ def test_only_the_adapters_and_the_head_are_trained_and_saved(tmp_path, base):
         for k in frozen:
             a, b = a[k], b[k]
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_gradient_is_the_adapters_and_the_heads_and_reaches_every_one_of_them():
+    """The LoRA task's loss differentiates only what it trains: the head and the adapters,
+    every leaf non-zero once B is (at initialisation B = 0 leaves A's gradient zero, as it must:
+    dA = s x^T (dy B^T)); the base weights come in as `frozen`, outside the gradient."""
+    cfg = config("lora", lora_targets="qkv,out,up,down")
+    task = tasks.kind_of(cfg).build(cfg, songs(), parallel.data_mesh(jax.devices()[:1]),
+                                    say=lambda *a: None, quiet=True)
+    params = task.init_params()
+    assert sorted(params) == ["head", "lora"] and "lora" not in task.frozen
+    params = {**params, "lora": jax.tree.map(lambda x: x + 0.01, params["lora"])}
+    loss = training.with_frozen(task.train_loss, task.frozen)
+    rows = jnp.asarray(task.val_rows[0])
+    grads = jax.grad(lambda p: loss(p, rows, jax.random.PRNGKey(0))[0])(params)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
 
 
 def test_a_lora_run_lowers_the_loss_and_resumes_like_an_uninterrupted_one(tmp_path):
