@@ -1,5 +1,6 @@
-"""Head-only, LoRA and full fine-tuning of one base model on one corpus: validation loss, seconds
-per step and checkpoint size, each trained by `run.train` with the same settings.
+"""Head-only, LoRA and full fine-tuning of one base on one corpus: loss, step time, checkpoint.
+
+Each is trained by `run.train` with the same settings.
 
     python benchmarks/finetune_quality.py [--init tests/fixtures/gpt2-tiny]
         [--data ../shared/data/tinyshakespeare.txt] [--steps 400] [--lr 3e-3]
@@ -44,12 +45,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", default=str(REPO / "tests" / "fixtures" / "gpt2-tiny"),
                    help="the base: a GPT-2 directory or hub name")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
+                   help="the text corpus (UTF-8) all three fine-tune on")
+    p.add_argument("--steps", type=int, default=400, help="training steps of each run")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--seq-len", type=int, default=63, help="the tiny fixture's window is 64")
     p.add_argument("--lr", type=float, default=3e-3, help="the same for the three")
     args = p.parse_args()
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file; give a UTF-8 text corpus")
 
     import jax
 
