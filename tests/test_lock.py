@@ -41,10 +41,13 @@ def _started(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> Non
 
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_and_one_after_kill_9_starts_at_once(tmp_path):
+    """The holder trains far longer than the test waits, so it is still running when the
+    second trainer asks for the directory, however fast the machine."""
     data, run_dir = tmp_path / "corpus.txt", tmp_path / "run"
     data.write_text(CORPUS)
-    cmd = command(data, run_dir)
+    cmd = command(data, run_dir, "--steps", "100000")
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    third = None
     try:
         _started(first, run_dir)
         second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -55,12 +58,14 @@ def test_a_second_trainer_is_refused_and_one_after_kill_9_starts_at_once(tmp_pat
         first.kill()  # SIGKILL: no handler runs, the lock file stays, the lock goes
         first.wait(timeout=60)
         assert (run_dir / LOCK_NAME).exists()
-        third = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert third.returncode == 0, third.stderr
-        assert max(step_dirs(run_dir)) == 30
+        third = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+        _started(third, run_dir)
     finally:
-        first.kill()
-        first.wait(timeout=60)
+        for proc in (first, third):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=60)
 
 
 @pytest.mark.slow
