@@ -5,9 +5,10 @@
 Trains the `default` preset's model for a few steps (speed does not depend on the weights)
 unless --run-dir names a run, starts `serve.py` on it (16 rows, --ignore-eos, so every request
 makes exactly --new-tokens tokens), then lets 1, 4 and 16 clients each send --requests
-completions one after another (temperature 1, each its own seed) and times them all.
-`ratio_16_to_1` is the 16 clients' aggregate tokens/s over one client's: what batching the
-concurrent requests into one decode gains.
+completions one after another (temperature 1, each its own seed) and times them all, each
+count --rounds times, interleaved, so that a slow spell of a shared machine hits all alike.
+`ratio_16_to_1` is the 16 clients' aggregate tokens/s over one client's in the same round
+(the median over rounds): what batching the concurrent requests into one decode gains.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import http.client
 import json
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,8 +99,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="text corpus to train the model briefly on")
     p.add_argument("--run-dir", help="serve this run instead of training one")
-    p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--requests", type=int, default=3, help="requests per client")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens each request makes")
+    p.add_argument("--requests", type=int, default=6, help="requests per client")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="times each client count is measured, interleaved (medians shown)")
     p.add_argument("--rows", type=int, default=16, help="the server's --max-batch")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tj-serve-bench-") as tmp:
@@ -108,17 +112,22 @@ def main() -> None:
         proc, url = start_server(run_dir, args.rows)
         try:
             measure(url, 1, 1, args.new_tokens)  # the first request pays what is left to pay
-            figures = {}
-            for clients in CLIENTS:
-                rate, tokens = measure(url, clients, args.requests, args.new_tokens)
-                figures |= {f"requests_per_s_{clients}": rate, f"tokens_per_s_{clients}": tokens}
+            rounds = [{clients: measure(url, clients, args.requests, args.new_tokens)
+                       for clients in CLIENTS} for _ in range(args.rounds)]
         finally:
             proc.terminate()
             proc.wait(30)
+    figures = {}
+    for clients in CLIENTS:
+        figures[f"requests_per_s_{clients}"] = statistics.median(r[clients][0] for r in rounds)
+        figures[f"tokens_per_s_{clients}"] = statistics.median(r[clients][1] for r in rounds)
+    # Each round's ratio is of figures timed seconds apart: the median of those is steadier
+    # than the ratio of the medians on a machine whose speed drifts.
+    ratios = [r[16][1] / r[1][1] for r in rounds]
     print(f"default preset, {args.rows} rows, {args.new_tokens} new tokens a request, "
-          f"{args.requests} requests a client")
-    common.report(**figures, ratio_16_to_1=figures["tokens_per_s_16"] / figures["tokens_per_s_1"])
-
+          f"{args.requests} requests a client, medians of {args.rounds} rounds; ratio in each "
+          f"round: {' '.join(f'{x:.2f}' for x in ratios)}")
+    common.report(**figures, ratio_16_to_1=statistics.median(ratios))
 
 if __name__ == "__main__":
     main()

@@ -447,9 +447,9 @@ def test_rows_of_different_prompts_placed_at_different_times_each_decode_as_if_a
 
 def test_batched_chunks_read_the_cache_prefix_they_need_and_decode_as_alone(soft_params,
                                                                           monkeypatch):
-    """From 4 rows on a chunk reads the cache's first W/4, W/2 or all W positions, the fewest
-    that hold every live row to the chunk's end: one-step chunks from one-token prompts pass
-    through all three and the slides, each row equal to `generate` of its prompt alone; a
+    """From 4 rows on a chunk reads the cache's first W/4, W/2, 3W/4 or all W positions, the
+    fewest that hold every live row to the chunk's end: one-step chunks from one-token prompts
+    pass through all four and the slides, each row equal to `generate` of its prompt alone; a
     prefix too short for the rows is refused."""
     asks = [([5], 0.0), ([3], 1.0), ([2], 0.7), ([7], 0.0)]
     alone = [_gen(soft_params, prompt, rng=jax.random.PRNGKey(10 + i), temperature=t)[0].tolist()
@@ -458,7 +458,7 @@ def test_batched_chunks_read_the_cache_prefix_they_need_and_decode_as_alone(soft
     monkeypatch.setattr(sampling, "_chunk",
                         lambda *a, **k: seen.append(k["span"]) or chunk(*a, **k))
     decoder = _decoder(soft_params, 4, max_chunk=1, chunk_seconds=None)
-    assert decoder.spans(4) == [W // 4, W // 2, W] and decoder.spans(2) == [W]
+    assert decoder.spans(4) == [W // 4, W // 2, 3 * W // 4, W] and decoder.spans(2) == [W]
     for i, (prompt, t) in enumerate(asks):
         decoder.place([i], prompt, jax.random.split(jax.random.PRNGKey(10 + i), 1),
                       max_new_tokens=N, temperature=t)
@@ -466,7 +466,16 @@ def test_batched_chunks_read_the_cache_prefix_they_need_and_decode_as_alone(soft
     with pytest.raises(ValueError, match=f"span={W // 4} is not one of"):
         decoder.advance(span=W // 4)  # a step from position 2 needs 3
     assert [a + b for a, b in zip(got, _drain(decoder))] == alone
-    assert seen[:3] == [W // 4, W // 2, W // 2] and set(seen) == {W // 4, W // 2, W}
+    assert seen[:3] == [W // 4, W // 2, W // 2] and set(seen) == set(decoder.spans(4))
+
+
+def test_a_chunk_reads_no_further_than_its_rows_may_produce(soft_params):
+    """A chunk of up to 16 steps whose rows may make one token more each fits in W/4 (what
+    serving's warm-up asks for, however many steps the chunks have grown to)."""
+    decoder = _decoder(soft_params, 4, max_chunk=16, chunk_seconds=None)
+    decoder.place([3], [5], jax.random.split(jax.random.PRNGKey(0), 1), max_new_tokens=1)
+    out = decoder.advance(span=W // 4)  # position 1 -> 2 = W/4
+    assert (out[3] != FREE).sum() == 1 and not decoder.left.any()
 
 
 def test_streamed_chunks_give_the_tokens_of_one_call(soft_params):

@@ -603,7 +603,8 @@ def _serve(argv: list[str] | None) -> None:
         config, tokenizer, params = text_model(args.run_dir, args.step, args.model, "serve")
         name = args.model or Path(args.run_dir).resolve().name
         sampler = sampling.text_sampler(config, tokenizer, params, rows=args.max_batch,
-                                        ignore_end=args.ignore_eos)
+                                        ignore_end=args.ignore_eos,
+                                        chunk_seconds=serve.CHUNK_SECONDS)
         print(f"compiling {name} for {args.max_batch} rows...", flush=True)
         engine = serve.Engine(sampler, queue_size=args.queue_size)
         engine.start()

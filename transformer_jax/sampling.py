@@ -320,10 +320,11 @@ class Decoder:
 
     def spans(self, k: int) -> list[int]:
         """The cache prefixes a chunk of k rows may read: the whole window W, and from
-        _PREFIX_ROWS rows on W/4 and W/2 too (a batched step's cost is mostly its reading of
-        the cache: 16 rows of the `default` model read 16 MB)."""
+        _PREFIX_ROWS rows on W/4, W/2 and 3W/4 too (a batched step's cost is mostly its
+        reading of the cache, in proportion to the prefix: 16 rows of the `default` model
+        read 16 MB of it at W)."""
         W = self.width
-        return sorted({W, max(W // 4, 1), max(W // 2, 1)}) if k >= _PREFIX_ROWS else [W]
+        return sorted({max(W * q // 4, 1) for q in (1, 2, 3, 4)}) if k >= _PREFIX_ROWS else [W]
 
     def advance(self, span: int | None = None) -> np.ndarray:
         """One compiled chunk: the tokens (B, C) it produced, FREE where a row produced none;
@@ -334,7 +335,9 @@ class Decoder:
         draw = ("greedy" if not drawing.any() else
                 "nucleus" if (self._top_p[drawing] < 1).any() else "sample")
         k, live = self._stepped(), self.left > 0
-        reach = int(self._index[live].max(initial=0)) + self._steps  # positions it may fill
+        # The positions it may fill: no row steps past what it may still produce.
+        reach = int(self._index[live].max(initial=0)) + min(
+            self._steps, int(self.left.max(initial=0)))
         fits = [s for s in self.spans(k) if s >= min(reach, self.width)]
         if span is not None and span not in fits:
             raise ValueError(f"span={span} is not one of {fits}")
