@@ -31,7 +31,7 @@ def test_every_field_with_choices_is_checked_and_offered_by_its_flag():
     actions = {a.dest: a for a in cli.train_parser()._actions}
     with_choices = [n for n, f in config_lib.FIELDS.items() if f.metadata["choices"]]
     assert {"activation", "norm", "positions", "dtype", "batching", "optimizer", "on_nan",
-            "finetune", "head"} == set(with_choices)
+            "finetune", "head", "tokenizer"} == set(with_choices)
     for name in with_choices:
         choices = config_lib.FIELDS[name].metadata["choices"]
         assert tuple(actions[name].choices) == choices
@@ -55,7 +55,7 @@ def test_the_series_fields_are_the_ones_declared_so():
 
 def test_only_the_flagless_fields_have_no_flag():
     flagless = {n for n, f in config_lib.FIELDS.items() if not f.metadata["flag"]}
-    assert flagless == {"vocab_size", "head_size", "head_bias", "attn_scale_by_layer"}
+    assert flagless == {"head_size", "head_bias", "attn_scale_by_layer"}
 
 
 def test_every_field_declares_every_fact():

@@ -169,6 +169,9 @@ def _train(tmp_path, name: str, text: str, config: Config) -> tuple:
     pytest.param({"batching": "stream", "streams": 2, "steps": None, "epochs": 2,
                   "max_len": 18, "seq_len": 16}, id="stream-pieces"),
     pytest.param({"split_docs": r"\n", "min_len": 3}, id="documents"),
+    pytest.param({"tokenizer": "bpe", "vocab_size": 300}, id="bpe"),
+    pytest.param({"tokenizer": "bpe", "vocab_size": 300, "batching": "stream", "streams": 2,
+                  "steps": None, "epochs": 2, "max_len": 18, "seq_len": 16}, id="bpe-stream"),
 ])
 def test_the_runs_own_split_reproduces_its_recorded_validation_loss(tmp_path, changes, capsys):
     run_dir, last = _train(tmp_path, "run", TEXT, TINY_RUN.replace(**changes))

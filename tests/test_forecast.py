@@ -76,7 +76,7 @@ def test_the_task_splits_by_time_and_standardises_with_the_training_part_only():
     assert scored.sum() == 10 and not w[:, :-1].any() and not w[~scored].any()
     np.testing.assert_allclose(x[scored, -1], (values[40:] - stats["mean"]) / stats["std"],
                                rtol=1e-6)  # each validation row scored once, in time order
-    assert task.config.model.head_size == 2 and task.kind.unit == "value"
+    assert task.config.model.head_size == 2 and task.kind.unit(task.config) == "value"
 
 
 def _reference_paths(config, params, history, future, rng, samples):

@@ -133,6 +133,25 @@ def test_same_seed_config_and_data_give_the_same_losses_and_samples(tmp_path):
     assert outputs[0] == outputs[1]
 
 
+def test_a_bpe_run_resumes_with_its_tokenizer_and_samples_any_text(tmp_path):
+    from transformer_jax.sampling import complete
+
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind. " * 40
+    config = Config().replace(tokenizer="bpe", vocab_size=280, d_model=16, layers=1, heads=2,
+                              d_ff=32, seq_len=16, max_len=16, batch_size=4, steps=5,
+                              steps_per_call=5, eval_every=5, save_every=5)
+    run.train(config, text, tmp_path, quiet=True, devices=jax.devices()[:1])
+    first = run.load_for_sampling(tmp_path).tokenizer
+    run.train(config.replace(steps=10), text, tmp_path, quiet=True, devices=jax.devices()[:1])
+    trained = run.load_for_sampling(tmp_path)
+    assert trained.step == 10 and trained.tokenizer.to_dict() == first.to_dict()
+    assert trained.config.model.vocab_size == first.vocab_size == 280
+    prompt = "Zebras 🙂 αΩ"  # nothing the corpus holds is needed: bytes are the alphabet
+    [sample] = complete(trained.config, trained.tokenizer, trained.params, prompt,
+                        max_new_tokens=12, seed=1)
+    assert sample.startswith(prompt) and len(sample) > len(prompt)
+
+
 def corrupt_newest_step(run_dir: Path, how: str) -> int:
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     newest = run_dir / "checkpoints" / str(steps[-1])

@@ -16,6 +16,8 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 KINDS = ("char", "transfer", "series")
 FINETUNES = ("head", "lora", "full")
+TOKENIZERS = ("char", "bpe")
+DEFAULT_BPE_VOCAB = 1024  # --tokenizer bpe without --vocab-size
 # The weight matrices a LoRA adapter may adapt: the Dense layers of this name in every block.
 LORA_TARGETS = ("qkv", "out", "up", "down")
 _INT_LIMIT = 2**31
@@ -53,8 +55,9 @@ def _check_choices(obj: Any) -> None:
 class TransformerConfig:
     """Shape of a causal transformer language model."""
 
-    vocab_size: int = _f(0, "vocabulary size (set from the tokenizer, not a flag)", fixed=True,
-                         flag=False)
+    vocab_size: int = _f(0, "tokens in the vocabulary, the four special symbols included: with "
+                         f"--tokenizer bpe the size to train (0: {DEFAULT_BPE_VOCAB}); else set "
+                         "from the tokenizer", fixed=True)
     d_model: int = _f(128, "model width: embedding and hidden-state size", fixed=True)
     layers: int = _f(4, "number of transformer blocks", fixed=True)
     heads: int = _f(4, "attention heads per block; must divide d_model", fixed=True)
@@ -118,7 +121,10 @@ class TrainConfig:
 
     batching: str = _f("random", "random: nanoGPT windows; stream: the lecture's contiguous chunks",
                        fixed=True, choices=("random", "stream"))
-    seq_len: int = _f(256, "characters per training sequence", fixed=True)
+    tokenizer: str = _f("char", "a model from scratch reads char: the corpus's characters, or "
+                        "bpe: a byte-level BPE trained on the training split (--vocab-size "
+                        "tokens), which reads any text", fixed=True, choices=TOKENIZERS)
+    seq_len: int = _f(256, "tokens per training sequence", fixed=True)
     batch_size: int = _f(16, "sequences per step (random batching) and per evaluation batch",
                         fixed=True)
     streams: int = _f(10, "stream batching: contiguous chunks of the text, one batch each",
@@ -253,6 +259,10 @@ class TrainConfig:
 
     def _check_kind(self) -> None:
         """What each kind of run requires of the other settings."""
+        if self.kind != "char" and self.tokenizer != "char":
+            raise ValueError(f"tokenizer={self.tokenizer!r} applies to models trained from "
+                             "scratch (a pretrained --init brings its own, a series model has "
+                             "none)")
         if self.kind != "series":
             for f in dataclasses.fields(self):
                 value = getattr(self, f.name)

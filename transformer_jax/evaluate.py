@@ -418,8 +418,8 @@ def judge(trained: Trained, name: str, text: Text | None, *, mesh, context: int 
                                    page_tokens=page_tokens, total_bytes=text.size, quiet=quiet)
     if not report.tokens:
         raise UserError(f"{text.name} holds no token to predict; give a longer text")
-    return {**about, "data": text.name, "unit": trained.kind.unit, "context": w.context,
-            "stride": w.stride, **report.to_dict()}, scores
+    return {**about, "data": text.name, "unit": trained.kind.unit(trained.config),
+            "context": w.context, "stride": w.stride, **report.to_dict()}, scores
 
 
 _COLUMNS = (("tokens", "tokens", "{:,}"), ("loss", "nats/token", "{:.4f}"),

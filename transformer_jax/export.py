@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from transformer_jax import gpt2, run
+from transformer_jax.bpe import END_OF_TEXT
 from transformer_jax.checkpoint import RunCheckpoints
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import UserError
@@ -155,7 +156,7 @@ def _start_template(tk, symbol: str, start_id: int):
 
 
 def _bpe_tokenizer(base: Path, add_start: bool):
-    """The base GPT-2's `tokenizers.Tokenizer` (as `gpt2.BPETokenizer.from_dir` reads it), with
+    """The base GPT-2's `tokenizers.Tokenizer` (as `bpe.BPETokenizer.from_dir` reads it), with
     the start symbol put first when `add_start`."""
     tk = _need("tokenizers")
     if (base / "tokenizer.json").is_file():
@@ -165,10 +166,10 @@ def _bpe_tokenizer(base: Path, add_start: bool):
                                                    str(base / "merges.txt")))
         out.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         out.decoder = tk.decoders.ByteLevel()
-        out.add_special_tokens([gpt2.END_OF_TEXT])
+        out.add_special_tokens([END_OF_TEXT])
     if add_start:
-        start = out.token_to_id(gpt2.END_OF_TEXT)
-        template = _start_template(tk, gpt2.END_OF_TEXT, start)
+        start = out.token_to_id(END_OF_TEXT)
+        template = _start_template(tk, END_OF_TEXT, start)
         out.post_processor = (template if out.post_processor is None else
                               tk.processors.Sequence([out.post_processor, template]))
     return out
@@ -181,8 +182,8 @@ def _tokenizer_config(tokenizer, max_len: int, char: bool) -> dict:
                 "eos_token": tokenizer.end, "unk_token": tokenizer.unknown,
                 "pad_token": tokenizer.pad, "split_special_tokens": True,
                 "clean_up_tokenization_spaces": False, "model_max_length": max_len}
-    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": gpt2.END_OF_TEXT,
-            "eos_token": gpt2.END_OF_TEXT, "unk_token": gpt2.END_OF_TEXT,
+    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": END_OF_TEXT,
+            "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT,
             "add_prefix_space": False, "clean_up_tokenization_spaces": False,
             "model_max_length": max_len}
 

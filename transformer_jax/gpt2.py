@@ -11,7 +11,6 @@ tokenizer is Hugging Face `tokenizers`' byte-level BPE. Needs the `gpt2` extra:
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import importlib
 import json
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.bpe import BPETokenizer
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, layered, param_shapes
@@ -30,7 +30,6 @@ from transformer_jax.model import Transformer, layered, param_shapes
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # What is fetched from the hub first; a sharded model's shards follow (see `_snapshot`).
 HUB_FILES = ["config.json", WEIGHTS, INDEX, "tokenizer.json", "vocab.json", "merges.txt"]
-END_OF_TEXT = "<|endoftext|>"
 # config.json's activation_function -> ours ("gelu_new" is the tanh approximation).
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                 "relu": "relu"}
@@ -99,8 +98,6 @@ BLOCK_KEYS = {
     ("mlp", "down", "bias"): "h.{i}.mlp.c_proj.bias",
 }
 TRANSPOSED = {"lm_head.weight"}
-# In reversed text, a whitespace character followed by a non-whitespace one (see `cut`).
-_SPACE_AFTER_WORD_REVERSED = re.compile(r"\s(?=\S)")
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
 
 
@@ -111,107 +108,6 @@ def need(module: str, doing: str = "loading GPT-2"):
     except ImportError:
         raise UserError(f"{doing} needs {module.split('.')[0]}: "
                         "pip install 'transformer-jax[gpt2]'") from None
-
-
-class BPETokenizer:
-    """GPT-2's byte-level BPE: any text to ids and back, losslessly; `<|endoftext|>` special.
-
-    Speaks the character tokenizer's language where training and sampling need it: the start
-    symbol is `<|endoftext|>`, no text is unknown, and the pad id lies just past the vocabulary
-    (it only marks positions that are neither attended nor predicted).
-    """
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
-        self._bytes = None  # each id's bytes, built on first use (see incremental_decoder)
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> BPETokenizer:
-        """From `tokenizer.json`, else from `vocab.json` + `merges.txt` set up as GPT-2's."""
-        tokenizers, directory = need("tokenizers"), Path(directory)
-        if (directory / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
-        vocab, merges = directory / "vocab.json", directory / "merges.txt"
-        if not (vocab.is_file() and merges.is_file()):
-            raise UserError(f"{directory} has no tokenizer: need tokenizer.json, or vocab.json "
-                            "and merges.txt")
-        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = tokenizers.decoders.ByteLevel()
-        if tokenizer.token_to_id(END_OF_TEXT) is not None:
-            tokenizer.add_special_tokens([END_OF_TEXT])
-        return cls(tokenizer)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size()
-
-    @property
-    def start_id(self) -> int:
-        eot = self._tokenizer.token_to_id(END_OF_TEXT)
-        return self.vocab_size - 1 if eot is None else eot
-
-    @property
-    def end_id(self) -> int:
-        return self.start_id  # <|endoftext|> separates documents: it ends one, starts the next
-
-    @property
-    def pad_id(self) -> int:
-        return self.vocab_size
-
-    def incremental_decoder(self):
-        """`decode(ids, final=False)` of successive pieces of one sequence, special tokens
-        dropped: a token may end inside a character's UTF-8 bytes, which are held back until
-        the rest come (or, with `final`, shown as U+FFFD)."""
-        if self._bytes is None:
-            self._bytes = _token_bytes(self._tokenizer)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        table = self._bytes
-        return lambda ids, final=False: utf8.decode(b"".join(table[int(i)] for i in ids), final)
-
-    def unknown_chars(self, text: str) -> list[str]:
-        return []  # byte-level: every text has ids
-
-    def cut(self, text: str) -> int:
-        """Where `text` may be cut so that its two parts encode to the ids of the whole, however
-        it continues (0: nowhere yet): before its last whitespace that follows a non-whitespace
-        character. GPT-2's pre-tokenizer pattern ends every piece that is not whitespace there
-        and looks neither back nor past a piece's end, so the pieces, and their BPE merges, are
-        the same on both sides; `<|endoftext|>` holds no whitespace, so it is never cut."""
-        found = _SPACE_AFTER_WORD_REVERSED.search(text[::-1])
-        return len(text) - 1 - found.start() if found else 0
-
-    def encode(self, text: str, add_start: bool = False) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.start_id] + ids if add_start else ids
-
-    def decode(self, ids, skip_specials: bool = False) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_specials)
-
-
-def _byte_symbols() -> dict[str, int]:
-    """Byte-level BPE's alphabet: the character that stands for each byte in a token's text.
-    Bytes that print as themselves (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) keep their code
-    point; the other 68 take the code points from 256 up, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
-
-
-def _token_bytes(tokenizer) -> list[bytes]:
-    """The bytes each id of a byte-level BPE `tokenizers.Tokenizer` stands for (special
-    tokens: none; a token outside the byte alphabet: its decoded text)."""
-    symbols = _byte_symbols()
-    table = [b""] * tokenizer.get_vocab_size()
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    for token, i in tokenizer.get_vocab().items():
-        if token in specials:
-            continue
-        if all(c in symbols for c in token):
-            table[i] = bytes(symbols[c] for c in token)
-        else:
-            table[i] = tokenizer.decode([i]).encode("utf-8")
-    return table
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:

@@ -123,7 +123,7 @@ def _fit(task: Task, run_dir: Path, mesh, fresh: bool, quiet: bool, resume_comma
         return {"step": start, **_best_result(tcfg, best)}
     say(json.dumps(task.config.to_dict()))
     say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
-        f"{mesh.devices.flat[0].platform}  {task.kind.unit}s/step: "
+        f"{mesh.devices.flat[0].platform}  {task.kind.unit(task.config)}s/step: "
         f"{task.batches.tokens_per_step:,}")
     loop = _Loop.compile(task, mesh, log)
     bar = tqdm(total=tcfg.total_steps(), initial=start, disable=quiet, unit="step",
@@ -314,7 +314,7 @@ class _Loop:
         bits = ""
         if kind.cross_entropy:
             record["val_bpc"] = ev["bpc"]
-            bits = f" ({ev['bpc']:.3f} bits/{kind.unit})"
+            bits = f" ({ev['bpc']:.3f} bits/{kind.unit(self.task.config)})"
         note(f"step {step}: train loss {record['train_loss']:.4f}, val loss {ev['loss']:.4f}"
              f"{bits}")
         return reached

@@ -79,8 +79,7 @@ class CharTokenizer:
     @property
     def id_dtype(self) -> np.dtype:
         """Smallest unsigned integer type that holds every id."""
-        return np.dtype(np.uint8 if self.vocab_size <= 256 else
-                        np.uint16 if self.vocab_size <= 65536 else np.uint32)
+        return smallest_uint(self.vocab_size)
 
     def encode(self, text: str, *, add_start: bool = False, add_end: bool = False) -> np.ndarray:
         """Ids of `text`, shape (len(text) + add_start + add_end,), dtype `id_dtype`.
@@ -134,6 +133,11 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def smallest_uint(n: int) -> np.dtype:
+    """The smallest unsigned integer type that holds 0 .. n - 1."""
+    return np.dtype(np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.uint32)
 
 
 def free_specials(text: str, preferred: tuple[str, str, str, str] = DEFAULT_SPECIALS

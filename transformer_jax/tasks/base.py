@@ -67,14 +67,14 @@ Load = Callable[[Config, dict, Callable[[Any], Any], int], Trained]
 class TaskKind:
     """One kind of run.
 
-    name: its `Config.kind`; unit: what one loss term is (char, token, value); reader: the
+    name: its `Config.kind`; unit(config): what one loss term is (char, token, value); reader: the
     program that reads its checkpoints (sample, or forecast); cross_entropy: whether the loss is
     a cross-entropy (then also shown in bits per unit); loss_label(config): the loss curve's
     axis label; build(config, text, mesh, *, say, quiet) -> Task; load: see `Load`.
     """
 
     name: str
-    unit: str
+    unit: Callable[[Config], str]
     reader: str
     cross_entropy: bool
     loss_label: Callable[[Config], str]

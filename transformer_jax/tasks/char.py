@@ -1,11 +1,13 @@
-"""The lecture's first experiment: a character model trained from scratch on a corpus."""
+"""The lecture's first experiment: a language model trained from scratch on a corpus, over its
+characters (the lecture's vocabulary) or over a byte-level BPE trained on its training split."""
 
 from __future__ import annotations
 
 import jax
 
 from transformer_jax import data, training
-from transformer_jax.config import Config
+from transformer_jax.bpe import TrainedBPE
+from transformer_jax.config import DEFAULT_BPE_VOCAB, Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, init_params, param_shapes
 from transformer_jax.plot import CROSS_ENTROPY
@@ -13,14 +15,31 @@ from transformer_jax.tasks.base import Task, TaskKind, Trained
 from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
 
 
-def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
-    """A character vocabulary of `text` (its four special symbols free of the corpus) and the
-    model of `config` over it; `config.model.vocab_size` is set from the vocabulary."""
+def tokenizer_of(config: Config, text: str, *, say=print):
+    """The vocabulary `config` asks for, of `text`: its characters, or a BPE trained on its
+    training split; either way the four special symbols are free of the corpus."""
     specials = free_specials(text)
     if specials != DEFAULT_SPECIALS:
         say(f"the corpus uses some of the default special symbols {DEFAULT_SPECIALS}; "
             f"start, end, unknown and pad are {specials} instead")
-    tokenizer = CharTokenizer.from_text(text, specials)
+    asked, tcfg = config.model.vocab_size, config.train
+    if tcfg.tokenizer == "char":
+        tokenizer = CharTokenizer.from_text(text, specials)
+        if asked not in (0, tokenizer.vocab_size):
+            raise UserError(f"--vocab-size {asked} applies to --tokenizer bpe; the corpus's "
+                            f"characters give {tokenizer.vocab_size} tokens")
+        return tokenizer
+    train_text = data.split_text(text, tcfg.val_fraction)[0]
+    tokenizer = TrainedBPE.train(train_text, asked or DEFAULT_BPE_VOCAB, specials)
+    say(f"tokenizer: a byte-level BPE of {tokenizer.vocab_size:,} tokens, trained on the "
+        f"training split ({len(train_text):,} characters)")
+    return tokenizer
+
+
+def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
+    """The vocabulary of `text` (`tokenizer_of`) and the model of `config` over it;
+    `config.model.vocab_size` is set from the vocabulary."""
+    tokenizer = tokenizer_of(config, text, say=say)
     config = config.replace(vocab_size=tokenizer.vocab_size)
     cfg, tcfg = config.model, config.train
     if tcfg.tokens_per_sequence - 1 > cfg.max_len:
@@ -34,10 +53,17 @@ def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) ->
                 {"config": config.to_dict(), "tokenizer": tokenizer.to_dict()})
 
 
+def tokenizer_from_dict(data: dict):
+    """The tokenizer a checkpoint's metadata records (`to_dict` of either kind)."""
+    return TrainedBPE.from_dict(data) if data.get("kind") == "bpe" else \
+        CharTokenizer.from_dict(data)
+
+
 def load(config: Config, meta: dict, restore, step: int) -> Trained:
     return Trained(KIND, config, restore(param_shapes(config.model)), step,
-                   tokenizer=CharTokenizer.from_dict(meta["tokenizer"]))
+                   tokenizer=tokenizer_from_dict(meta["tokenizer"]))
 
 
-KIND = TaskKind("char", unit="char", reader="sample", cross_entropy=True,
+KIND = TaskKind("char", unit=lambda config: "char" if config.train.tokenizer == "char" else
+                "token", reader="sample", cross_entropy=True,
                 loss_label=lambda config: CROSS_ENTROPY, build=build, load=load)

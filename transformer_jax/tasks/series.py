@@ -104,6 +104,6 @@ def load(config: Config, meta: dict, restore, step: int) -> Trained:
     return Trained(KIND, config, restore(shapes), step, scaler=Scaler.from_dict(meta["series"]))
 
 
-KIND = TaskKind("series", unit="value", reader="forecast", cross_entropy=False,
+KIND = TaskKind("series", unit=lambda config: "value", reader="forecast", cross_entropy=False,
                 loss_label=lambda config: LOSS_LABELS[config.train.head], build=build,
                 load=load)

@@ -125,5 +125,5 @@ def _lora_scale(tcfg) -> float:
     return tcfg.lora_alpha / tcfg.lora_rank
 
 
-KIND = TaskKind("transfer", unit="token", reader="sample", cross_entropy=True,
+KIND = TaskKind("transfer", unit=lambda config: "token", reader="sample", cross_entropy=True,
                 loss_label=lambda config: CROSS_ENTROPY, build=build, load=load)
