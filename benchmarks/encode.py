@@ -1,17 +1,22 @@
-"""Corpus reading and encoding: MB/s and peak memory on a large ASCII corpus.
+"""Corpus encoding speed (MB/s, both tokenizers) and peak memory while training on a corpus
+larger than one would like to hold in memory.
 
-    python benchmarks/encode.py --data ../shared/data/tinyshakespeare.txt --size-mb 200
+    python benchmarks/encode.py --data ../shared/data/tinyshakespeare.txt --size-mb 1000
 
-Repeats `--data` to `--size-mb` megabytes in a temporary file, then, in a fresh process, runs
-what train.py runs on a corpus: `data.read_text`, `CharTokenizer.from_text` and `encode`. The
-peak memory is that process's peak resident set size less the peak of a process that only
-imports the same modules, as a multiple of the file's size.
+Repeats `--data` to `--size-mb` megabytes in a temporary file. Then, each in a fresh process
+with an empty cache: for `--tokenizer char` and `bpe`, what training does before its first step
+(`Corpus.scan`, the vocabulary: characters, or a BPE trained on the training split, and the
+token file `tokens.token_ids` writes), timed by phase; and `train.py --preset fast` for
+`--steps` steps on the corpus, whose peak resident memory is divided by the corpus's size. The
+same training on a 1 MB corpus gives the memory a process needs without any corpus (JAX, the
+model, compiled programs), printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,71 +27,113 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-
-def measure(path: str | None) -> None:
-    """Print, as JSON, the seconds each stage takes on `path` (nothing: only import) and this
-    process's peak resident set size."""
-    from transformer_jax import data
-    from transformer_jax.tokenizer import CharTokenizer
-
-    seconds = {}
-    if path:
-        t0 = time.perf_counter()
-        text = data.read_text(path)
-        t1 = time.perf_counter()
-        tokenizer = CharTokenizer.from_text(text)
-        t2 = time.perf_counter()
-        ids = tokenizer.encode(text)
-        t3 = time.perf_counter()
-        assert len(ids) == len(text)
-        seconds = {"read": t1 - t0, "vocabulary": t2 - t1, "encode": t3 - t2,
-                   "dtype": str(ids.dtype)}
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    print(json.dumps({**seconds, "peak_bytes": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * scale}))
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def in_fresh_process(path: str | None) -> dict:
-    args = [sys.executable, __file__, "--measure", path or ""]
-    proc = subprocess.run(args, capture_output=True, text=True, check=True)
+def peak_bytes(who=resource.RUSAGE_SELF) -> int:
+    """Peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(who).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure(path: str, tokenizer: str, vocab_size: int) -> None:
+    """Print, as JSON, the seconds of each phase of encoding `path` into its token file, and
+    this process's peak resident set size."""
+    from transformer_jax import tokens
+    from transformer_jax.bpe import TrainedBPE
+    from transformer_jax.tokenizer import CharTokenizer, free_specials
+    from transformer_jax.tokens import Corpus
+
+    t0 = time.perf_counter()
+    corpus = Corpus.scan(path)
+    t1 = time.perf_counter()
+    specials = free_specials(corpus.charset)
+    tok = (CharTokenizer.from_text(corpus.charset, specials) if tokenizer == "char" else
+           TrainedBPE.train(corpus.pieces(0, corpus.split(0.1)), vocab_size, specials))
+    t2 = time.perf_counter()
+    train, val = tokens.token_ids(corpus, tok, 0.1, say=lambda *a: None)
+    t3 = time.perf_counter()
+    print(json.dumps({"scan": t1 - t0, "vocabulary": t2 - t1, "encode": t3 - t2,
+                      "tokens": len(train) + len(val), "dtype": str(train.dtype),
+                      "peak_bytes": peak_bytes()}))
+
+
+def fresh(args: list[str], env: dict) -> dict:
+    """Run this script's `measure` in a new process; its JSON line."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env=env, check=True)
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def train_peak(corpus: Path, steps: int, env: dict, run_dir: Path) -> int:
+    """Peak resident set size of `train.py --preset fast` for `steps` steps on `corpus`."""
+    cmd = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+           "sys.argv[0] = 'train.py'\ntry:\n    runpy.run_path('train.py', run_name='__main__')\n"
+           "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+           "train.py", "--preset", "fast", "--data", str(corpus), "--run-dir", str(run_dir),
+           "--steps", str(steps), "--eval-every", str(steps), "--val-fraction", "0.001",
+           "--eval-batches", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"error: train.py failed on {corpus}:\n{proc.stdout}\n{proc.stderr}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK ")][-1]
+    if "on the host" not in proc.stdout and corpus.stat().st_size > 1 << 28:
+        raise SystemExit("error: a large corpus was placed on the devices")
+    return int(line.split()[1]) * (1 if sys.platform == "darwin" else 1024)
+
+
+def write_corpus(seed: bytes, size: int, path: Path) -> None:
+    """`seed` repeated to `size` bytes, ending in a newline (piece by piece: a child's peak
+    resident set starts from this process's)."""
+    with path.open("wb") as f:
+        for start in range(0, size - 1, len(seed)):
+            f.write(seed[:size - 1 - start])
+        f.write(b"\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="ASCII text repeated to make the corpus")
-    p.add_argument("--size-mb", type=float, default=200, help="corpus size in MB (10^6 bytes)")
-    p.add_argument("--measure", help=argparse.SUPPRESS)  # the child process's corpus
+    p.add_argument("--size-mb", type=float, default=1000, help="corpus size in MB (10^6 bytes)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="--tokenizer bpe's vocabulary")
+    p.add_argument("--steps", type=int, default=200, help="training steps for the memory figure")
+    p.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # a child: path, kind, vocab
     args = p.parse_args()
-    if args.measure is not None:
-        measure(args.measure)
+    if args.measure:
+        measure(args.measure[0], args.measure[1], int(args.measure[2]))
         return
-    if not args.data:
-        p.error("--data is required")
+    if not args.data or not Path(args.data).is_file():
+        p.error("--data FILE (an ASCII text) is required")
     seed = Path(args.data).read_bytes()
     if not seed.isascii():
         p.error(f"--data {args.data} is not ASCII")
-    size = int(args.size_mb * 1e6)
+    size, figures = int(args.size_mb * 1e6), {}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        # Piece by piece: a child's peak RSS starts from this process's (vfork), so keep it
-        # small. Like most text files the corpus ends with a newline.
-        with corpus.open("wb") as f:
-            for start in range(0, size - 1, len(seed)):
-                f.write(seed[:size - 1 - start])
-            f.write(b"\n")
-        baseline = in_fresh_process(None)
-        run = in_fresh_process(str(corpus))
-    total = run["read"] + run["vocabulary"] + run["encode"]
-    mb = size / 1e6
-    print(f"{mb:,.0f} MB ASCII corpus: read {run['read']:.2f} s, vocabulary "
-          f"{run['vocabulary']:.2f} s, encode {run['encode']:.2f} s; peak memory "
-          f"{(run['peak_bytes'] - baseline['peak_bytes']) / 1e6:,.0f} MB above a process that "
-          f"only imports ({baseline['peak_bytes'] / 1e6:,.0f} MB)")
-    common.report(encode_mb_per_s=mb / total, encode_only_mb_per_s=mb / run["encode"],
-                  peak_rss_ratio=(run["peak_bytes"] - baseline["peak_bytes"]) / size,
-                  dtype=run["dtype"], size_mb=round(mb))
+        tmp = Path(tmp)
+        corpus, small = tmp / "corpus.txt", tmp / "small.txt"
+        write_corpus(seed, size, corpus)
+        write_corpus(seed, 1_000_000, small)
+        for kind in ("char", "bpe"):
+            env = {**os.environ, "XDG_CACHE_HOME": str(tmp / f"cache-{kind}")}
+            got = fresh(["--measure", str(corpus), kind, str(args.vocab_size)], env)
+            mb = size / 1e6
+            print(f"{kind}: {mb:,.0f} MB read in {got['scan']:.1f} s, vocabulary "
+                  f"{got['vocabulary']:.1f} s, encoded into a token file in {got['encode']:.1f} s"
+                  f" ({got['tokens']:,} {got['dtype']} ids); peak memory "
+                  f"{got['peak_bytes'] / 1e6:,.0f} MB", flush=True)
+            figures[f"{kind}_encode_mb_per_s"] = mb / got["encode"]
+            figures[f"{kind}_scan_mb_per_s"] = mb / got["scan"]
+            figures[f"{kind}_encode_peak_ratio"] = got["peak_bytes"] / size
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache-char"),
+               "JAX_COMPILATION_CACHE_DIR": str(tmp / "xla")}
+        t = time.perf_counter()
+        big = train_peak(corpus, args.steps, env, tmp / "run-big")
+        seconds = time.perf_counter() - t
+        base = train_peak(small, args.steps, env, tmp / "run-small")
+    print(f"train.py --preset fast, {args.steps} steps on the {size / 1e6:,.0f} MB corpus "
+          f"(token file cached): peak memory {big / 1e6:,.0f} MB in {seconds:.0f} s; on a 1 MB "
+          f"corpus {base / 1e6:,.0f} MB")
+    common.report(**figures, train_peak_ratio=big / size,
+                  train_peak_above_small_ratio=(big - base) / size, size_mb=round(size / 1e6))
 
 
 if __name__ == "__main__":

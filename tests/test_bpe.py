@@ -71,10 +71,12 @@ def test_any_text_round_trips_and_never_encodes_to_a_special(tok, text):
 @given(st.lists(st.sampled_from(["a", "b", " ", "  ", "\n", "é", "🙂", "ab", "'s"]),
                 max_size=60), st.integers(1, 12))
 def test_pieces_join_to_the_text_and_encode_as_the_whole(tok, parts, size):
-    """Our encoding, piece by piece in parallel, equals `tokenizers`' encoding of the whole."""
+    """Our encoding, piece by piece in parallel, equals `tokenizers`' encoding of the whole;
+    the pieces do not depend on how the text arrives (here: in `parts`)."""
     text = "".join(parts)
-    pieces = list(bpe._pieces(text, size))
+    pieces = list(bpe._pieces([text], size))
     assert "".join(pieces) == text and all(pieces)
+    assert list(bpe._pieces(parts, size)) == pieces
     whole = tok._tokenizer.encode(text, add_special_tokens=False).ids
     assert [i for p in pieces for i in tok._tokenizer.encode(p, add_special_tokens=False).ids] \
         == whole

@@ -17,6 +17,7 @@ from transformer_jax.config import Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import SeriesTransformer, param_shapes, series_inputs
 from transformer_jax.tasks import series as series_task
+from transformer_jax.tokens import Corpus
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(d_model=16, layers=2, heads=2, d_ff=32, max_len=8, seq_len=8)
@@ -63,8 +64,8 @@ def test_the_task_splits_by_time_and_standardises_with_the_training_part_only():
     values = np.column_stack([np.arange(50.0), np.sin(np.arange(50.0))])
     values[40:] += 1000.0  # a validation part far from the training one
     config = Config().replace(**SMALL, columns="a,b", batch_size=4, val_fraction=0.2)
-    task = series_task.build(config, csv_text(values), parallel.data_mesh(jax.devices()[:1]),
-                             say=lambda *a: 0)
+    task = series_task.build(config, Corpus.of_text(csv_text(values)),
+                             parallel.data_mesh(jax.devices()[:1]), say=lambda *a: 0)
     stats = task.meta["series"]
     np.testing.assert_allclose(stats["mean"], values[:40].mean(axis=0))
     np.testing.assert_allclose(stats["std"], values[:40].std(axis=0))

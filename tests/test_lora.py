@@ -24,6 +24,7 @@ from test_transfer import FIXTURE, PROMPT, config, songs, val_losses
 from transformer_jax import lora, parallel, run, tasks, training
 from transformer_jax.gpt2 import from_pretrained
 from transformer_jax.model import Transformer, layered
+from transformer_jax.tokens import Corpus
 
 TARGETS = ("qkv", "out", "up", "down")
 
@@ -133,8 +134,9 @@ def test_the_gradient_is_the_adapters_and_the_heads_and_reaches_every_one_of_the
     every leaf non-zero once B is (at initialisation B = 0 leaves A's gradient zero, as it must:
     dA = s x^T (dy B^T)); the base weights come in as `frozen`, outside the gradient."""
     cfg = config("lora", lora_targets="qkv,out,up,down")
-    task = tasks.kind_of(cfg).build(cfg, songs(), parallel.data_mesh(jax.devices()[:1]),
-                                    say=lambda *a: None, quiet=True)
+    task = tasks.kind_of(cfg).build(cfg, Corpus.of_text(songs()),
+                                    parallel.data_mesh(jax.devices()[:1]), say=lambda *a: None,
+                                    quiet=True)
     params = task.init_params()
     assert sorted(params) == ["head", "lora"] and "lora" not in task.frozen
     params = {**params, "lora": jax.tree.map(lambda x: x + 0.01, params["lora"])}

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from transformer_jax import run, training
+from transformer_jax import data, run, training
 from transformer_jax.checkpoint import RunCheckpoints
 from transformer_jax.config import Config
 from transformer_jax.errors import RunStopped
+from transformer_jax.tokens import Corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "fast", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
@@ -150,6 +151,32 @@ def test_a_bpe_run_resumes_with_its_tokenizer_and_samples_any_text(tmp_path):
     [sample] = complete(trained.config, trained.tokenizer, trained.params, prompt,
                         max_new_tokens=12, seed=1)
     assert sample.startswith(prompt) and len(sample) > len(prompt)
+
+
+def test_a_corpus_on_disk_trains_from_its_token_file_exactly_as_from_memory(tmp_path,
+                                                                             monkeypatch):
+    """The rows gathered on the host a chunk ahead (as for a corpus over data.ON_DEVICE_BYTES)
+    train exactly as rows gathered on the devices, and a second run maps the same file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = corpus(tmp_path)
+    config = Config().replace(d_model=16, layers=1, heads=2, d_ff=32, seq_len=16, max_len=16,
+                              batch_size=4, steps=12, steps_per_call=4, eval_every=6,
+                              save_every=12)
+    devices = jax.devices()[:2]
+    run.train(config, path.read_text(encoding="utf-8"), tmp_path / "memory", quiet=True,
+              devices=devices)
+    monkeypatch.setattr(data, "ON_DEVICE_BYTES", 0)
+    for name in ("disk", "again"):
+        run.train(config, Corpus.scan(path), tmp_path / name, quiet=True, devices=devices)
+    losses = [[(r["train_loss"], r.get("val_loss")) for r in
+               map(json.loads, (tmp_path / name / "metrics.jsonl").open())]
+              for name in ("memory", "disk", "again")]
+    assert losses[0] == losses[1] == losses[2]
+    assert len(list((tmp_path / "cache" / "transformer-jax" / "tokens").glob("*.ids"))) == 1
+    memory, disk = (run.load_for_sampling(tmp_path / name) for name in ("memory", "disk"))
+    assert jax.tree.all(jax.tree.map(np.array_equal, memory.params, disk.params))
+    assert disk.corpus["path"] == str(path.absolute())
+    assert disk.corpus["sha256"] == Corpus.of_text(path.read_text(encoding="utf-8")).sha256
 
 
 def corrupt_newest_step(run_dir: Path, how: str) -> int:

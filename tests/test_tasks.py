@@ -15,6 +15,7 @@ from transformer_jax.config import Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import SeriesTransformer, init_params
 from transformer_jax.tasks import char as char_task, series as series_task
+from transformer_jax.tokens import Corpus
 
 GPT2 = "tests/fixtures/gpt2-tiny"
 
@@ -46,7 +47,7 @@ def test_the_char_task_trains_and_evaluates_with_two_named_losses():
     mesh = parallel.data_mesh(jax.devices()[:1])
     config = Config().replace(d_model=16, layers=1, heads=2, d_ff=32, max_len=16, seq_len=8,
                               batch_size=2, steps=1)
-    task = tasks.kind_of(config).build(config, "the dismal science " * 20, mesh,
+    task = tasks.kind_of(config).build(config, Corpus.of_text("the dismal science " * 20), mesh,
                                        say=lambda *a: None)
     assert task.kind is tasks.KINDS["char"] and task.config.model.vocab_size > 4
     params = task.init_params()
@@ -61,13 +62,13 @@ def test_a_bpe_vocabulary_is_trained_on_the_training_split_only():
     """A word only the validation split holds is never one token; the model's vocabulary is
     the tokenizer's."""
     mesh = parallel.data_mesh(jax.devices()[:1])
-    config = Config().replace(tokenizer="bpe", vocab_size=300, d_model=16, layers=1, heads=2,
+    config = Config().replace(tokenizer="bpe", vocab_size=277, d_model=16, layers=1, heads=2,
                               d_ff=32, max_len=16, seq_len=8, batch_size=2, steps=1,
                               val_fraction=0.2)
     text = "the dismal science " * 80 + "zyzzyva " * 30
-    task = tasks.kind_of(config).build(config, text, mesh, say=lambda *a: None)
+    task = tasks.kind_of(config).build(config, Corpus.of_text(text), mesh, say=lambda *a: None)
     tokenizer = char_task.tokenizer_from_dict(task.meta["tokenizer"])
-    assert task.config.model.vocab_size == tokenizer.vocab_size <= 300
+    assert task.config.model.vocab_size == tokenizer.vocab_size == 277
     assert len(tokenizer.encode("zyzzyva")) == 7 and len(tokenizer.encode(" dismal")) == 1
     assert tasks.kind_of(task.config).unit(task.config) == "token"
 
@@ -76,7 +77,7 @@ def test_vocab_size_is_refused_for_characters_and_bpe_for_other_kinds():
     config = Config().replace(vocab_size=500)
     with pytest.raises(UserError, match="--vocab-size 500 applies to --tokenizer bpe; the "
                        "corpus's characters give 7 tokens"):
-        char_task.tokenizer_of(config, "abc", say=lambda *a: None)
+        char_task.tokenizer_of(config, Corpus.of_text("abc"), say=lambda *a: None)
     with pytest.raises(ValueError, match="tokenizer='bpe' applies to models trained from scratch"):
         Config().replace(tokenizer="bpe", init=GPT2)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,10 @@ class BPETokenizer:
     def decode(self, ids, skip_specials: bool = False) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_specials)
 
+    def to_dict(self) -> dict:
+        """What identifies the tokenizer (a pretrained one is read from its model's files)."""
+        return {"kind": "pretrained", "tokenizer": self._tokenizer.to_str()}
+
 
 class TrainedBPE(BPETokenizer):
     """A byte-level BPE trained on a corpus, for a model trained from scratch: the trained
@@ -127,11 +131,11 @@ class TrainedBPE(BPETokenizer):
         self.start, self.end, self.unknown, self.pad = self.specials = specials
 
     @classmethod
-    def train(cls, text: str, vocab_size: int, specials: tuple[str, str, str, str]
-              ) -> TrainedBPE:
-        """Merges learnt from `text` until `vocab_size` tokens (specials included); a text
-        that runs out of pairs to merge first is refused. No randomness: the same text and
-        size give the same tokenizer."""
+    def train(cls, text: str | Iterable[str], vocab_size: int,
+              specials: tuple[str, str, str, str]) -> TrainedBPE:
+        """Merges learnt from `text` (a string, or the consecutive pieces of one, read once)
+        until `vocab_size` tokens (specials included); a text that runs out of pairs to merge
+        first is refused. No randomness: the same text and size give the same tokenizer."""
         import tokenizers
 
         if vocab_size < MIN_VOCAB:
@@ -142,7 +146,8 @@ class TrainedBPE(BPETokenizer):
         trainer = tokenizers.trainers.BpeTrainer(
             vocab_size=vocab_size - SPECIALS, show_progress=False,
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-        tokenizer.train_from_iterator(_pieces(text), trainer=trainer, length=len(text))
+        chunks = [text] if isinstance(text, str) else text
+        tokenizer.train_from_iterator(_pieces(chunks), trainer=trainer)
         made = tokenizer.get_vocab_size() + SPECIALS
         if made < vocab_size:
             raise UserError(f"--vocab-size {vocab_size} is more than the training split "
@@ -183,7 +188,7 @@ class TrainedBPE(BPETokenizer):
                ) -> np.ndarray:
         """Ids of `text` as `id_dtype`, encoded a piece at a time (in parallel, with the ids
         of the whole), after the start id and before the end id if asked."""
-        pieces = self._tokenizer.encode_batch(list(_pieces(text)), add_special_tokens=False)
+        pieces = self._tokenizer.encode_batch(list(_pieces([text])), add_special_tokens=False)
         ids = [np.asarray(p.ids, self.id_dtype) for p in pieces]
         head = [np.array([self.start_id], self.id_dtype)] if add_start else []
         tail = [np.array([self.end_id], self.id_dtype)] if add_end else []
@@ -219,20 +224,22 @@ def _byte_level(tokenizer) -> None:
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
 
 
-def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of about `size` characters, each cut where
+def _pieces(chunks: Iterable[str], size: int = _PIECE_CHARS) -> Iterator[str]:
+    """The text `chunks` make, in consecutive pieces of about `size` characters, each cut where
     `BPETokenizer.cut` allows (a stretch without such a place runs on to the next one)."""
-    start = 0
-    while start < len(text):
-        end = start + size
-        while end < len(text):
-            found = _SPACE_AFTER_WORD_REVERSED.search(text[start + 1:end][::-1])
-            if found:
-                end -= 1 + found.start()  # before that whitespace character
-                break
-            end += size
-        yield text[start:end]
-        start = end
+    carry, reach = "", size
+    for chunk in chunks:
+        carry += chunk
+        while len(carry) > reach:
+            found = _SPACE_AFTER_WORD_REVERSED.search(carry[1:reach][::-1])
+            if not found:
+                reach += size
+                continue
+            end = reach - 1 - found.start()  # before that whitespace character
+            yield carry[:end]
+            carry, reach = carry[end:], size
+    if carry:
+        yield carry
 
 
 def _byte_symbols() -> dict[str, int]:

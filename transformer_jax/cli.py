@@ -174,7 +174,8 @@ def _train(argv: list[str] | None) -> None:
     parallel.use_compile_cache()
     import jax
 
-    from transformer_jax import corpus, data, run, tasks
+    from transformer_jax import corpus, run, tasks
+    from transformer_jax.tokens import Corpus
 
     kind = tasks.kind_of(config)
     if kind.reader != "forecast" and str(args.data).endswith(".csv"):
@@ -182,16 +183,16 @@ def _train(argv: list[str] | None) -> None:
                         "to forecast) to train a series model on it")
     parallel.start_distributed(args.coordinator, args.num_processes, args.process_id)
     path = args.data or corpus.prepare_default_corpus()
-    text = data.read_text(path)
+    text = Corpus.scan(path)  # read in pieces: a corpus may be larger than memory
     if parallel.is_lead():
-        print(f"corpus: {path} ({len(text):,} characters); devices: {jax.devices()}")
+        print(f"corpus: {path} ({text.chars:,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
-              resume_from=args.resume_from, corpus=path)
+              resume_from=args.resume_from)
     if parallel.is_lead():
         _after_training(kind, config, args.run_dir, text, path)
 
 
-def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, path: str) -> None:
+def _after_training(kind, config: config_lib.Config, run_dir: str, text, path: str) -> None:
     """The loss curve, and how to use the model: for a series model, its validation table."""
     from transformer_jax import forecast, plot, run
 
@@ -202,7 +203,7 @@ def _after_training(kind, config: config_lib.Config, run_dir: str, text: str, pa
     best = " --step best" if config.train.keep_best else ""
     where = f"--run-dir {shlex.quote(run_dir)}{best}"
     if kind.reader == "forecast":
-        report = forecast.validate(run.load_for_sampling(run_dir), text)
+        report = forecast.validate(run.load_for_sampling(run_dir), text.read())
         (Path(run_dir) / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
         print(forecast.validation_table(report))
         print(f"forecast with: {_program('forecast')} {where} --data "

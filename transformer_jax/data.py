@@ -11,7 +11,6 @@ resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,10 @@ import numpy as np
 from transformer_jax.config import TrainConfig
 from transformer_jax.errors import UserError
 from transformer_jax.tokenizer import CharTokenizer
+
+# A training set (token ids) up to this size is placed on every device and its rows gathered
+# there; a larger one stays on the host, its rows gathered there a chunk of steps ahead.
+ON_DEVICE_BYTES = 1 << 28
 
 
 def read_text(path: str | Path) -> str:
@@ -64,13 +67,6 @@ def iter_text(path: str | Path, chunk_bytes: int = 1 << 22, *, what: str = "corp
         except UnicodeDecodeError:
             raise UserError(f"{what} {file} is not UTF-8 (it ends inside a character); "
                             "convert it, e.g. iconv -t UTF-8") from None
-
-
-def corpus_record(path: str | Path, text: str) -> dict:
-    """What a run records of its corpus: the absolute path it was read from, and the sha256
-    and length of its text (a changed file then no longer passes for the same split)."""
-    return {"path": str(Path(path).absolute()), "chars": len(text),
-            "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -123,6 +119,11 @@ class Batches:
                 doc_start, doc_len = self.docs[rng.integers(0, len(self.docs), self.batch_size)].T
                 out[i] = doc_start + rng.integers(0, np.maximum(doc_len - self.row_len, 0) + 1)
         return out.astype(np.int32)
+
+
+def stays_on_host(source) -> bool:
+    """Whether a training set is too large to place on every device (see `ON_DEVICE_BYTES`)."""
+    return isinstance(source, np.ndarray) and source.nbytes > ON_DEVICE_BYTES
 
 
 def gather(source, starts: jnp.ndarray, row_len: int):
@@ -204,19 +205,25 @@ def train_batches(tokenizer, text: str, cfg: TrainConfig, row_multiple: int = 1)
             raise UserError(f"the training text ({len(text)} characters) is too short for "
                             f"--streams {cfg.streams}; lower --streams or give a longer corpus")
         return Batches(rows.reshape(-1), rows.shape[2], rows.shape[1], "stream", cfg.seed)
+    if cfg.split_docs is None:
+        return window_batches(np.asarray(tokenizer.encode(text)), cfg, row_multiple)
     check_batch_size(cfg, row_multiple)
     docs = documents(tokenizer, text, cfg)
-    if cfg.split_docs is not None:
-        if not docs:
-            raise UserError(f"--split-docs {cfg.split_docs!r} finds no training document of "
-                            f"--min-len {cfg.min_len} tokens or more")
-        source, spans = document_source(docs, tokenizer.pad_id, cfg.tokens_per_sequence)
-        return Batches(source, cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed,
-                       docs=spans)
-    if len(docs[0]) < cfg.tokens_per_sequence:
-        raise UserError(f"the training text ({len(docs[0])} tokens) is shorter than one "
+    if not docs:
+        raise UserError(f"--split-docs {cfg.split_docs!r} finds no training document of "
+                        f"--min-len {cfg.min_len} tokens or more")
+    source, spans = document_source(docs, tokenizer.pad_id, cfg.tokens_per_sequence)
+    return Batches(source, cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed,
+                   docs=spans)
+
+
+def window_batches(ids: np.ndarray, cfg: TrainConfig, row_multiple: int = 1) -> Batches:
+    """nanoGPT's windows at random offsets of `ids` (N,), which may be a token file's map."""
+    check_batch_size(cfg, row_multiple)
+    if len(ids) < cfg.tokens_per_sequence:
+        raise UserError(f"the training text ({len(ids)} tokens) is shorter than one "
                         f"sequence ({cfg.tokens_per_sequence}); lower --seq-len or add text")
-    return Batches(docs[0], cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed)
+    return Batches(ids, cfg.tokens_per_sequence, cfg.batch_size, "random", cfg.seed)
 
 
 def eval_rows(tokenizer, text: str, cfg: TrainConfig) -> np.ndarray:
@@ -224,12 +231,16 @@ def eval_rows(tokenizer, text: str, cfg: TrainConfig) -> np.ndarray:
     non-overlapping windows of each document (each token is predicted exactly once)."""
     if cfg.batching == "stream":
         return stream_rows(tokenizer, text, cfg.seq_len, 1)[0]
-    docs = documents(tokenizer, text, cfg)
+    return window_rows(documents(tokenizer, text, cfg), tokenizer.pad_id, cfg)
+
+
+def window_rows(docs: list[np.ndarray], pad_id: int, cfg: TrainConfig) -> np.ndarray:
+    """Every target of the documents `docs` once, in rows of `windows` (N, seq_len + 1)."""
     if sum(map(len, docs)) < cfg.tokens_per_sequence:
         raise UserError(f"the validation text ({sum(map(len, docs))} tokens) is shorter than "
                         f"one sequence ({cfg.tokens_per_sequence}); lower --seq-len or raise "
                         "--val-fraction")
-    return np.concatenate([windows(ids, cfg.seq_len, tokenizer.pad_id) for ids in docs])
+    return np.concatenate([windows(ids, cfg.seq_len, pad_id) for ids in docs])
 
 
 def windows(ids: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
@@ -265,6 +276,19 @@ def datasets(tokenizer, text: str, cfg: TrainConfig, n_dev: int) -> tuple[Batche
     (N, B, S) evaluation batches for `n_dev` devices."""
     train_text, val_text = split_text(text, cfg.val_fraction)
     batches = train_batches(tokenizer, train_text, cfg, row_multiple=n_dev * cfg.micro_batches)
-    eval_batch = eval_batch_size(cfg, n_dev)
-    val_rows = pad_rows(eval_rows(tokenizer, val_text, cfg), eval_batch, tokenizer.pad_id)
-    return batches, val_rows.reshape(-1, eval_batch, batches.row_len)
+    return batches, eval_batches(eval_rows(tokenizer, val_text, cfg), tokenizer.pad_id, cfg,
+                                 n_dev)
+
+
+def window_datasets(train_ids: np.ndarray, val_ids: np.ndarray, pad_id: int, cfg: TrainConfig,
+                    n_dev: int) -> tuple[Batches, np.ndarray]:
+    """`datasets` of a text already encoded, for random windows over it whole (no documents):
+    its training and validation splits' ids (N,), each maybe a token file's map."""
+    batches = window_batches(train_ids, cfg, row_multiple=n_dev * cfg.micro_batches)
+    return batches, eval_batches(window_rows([val_ids], pad_id, cfg), pad_id, cfg, n_dev)
+
+
+def eval_batches(rows: np.ndarray, pad_id: int, cfg: TrainConfig, n_dev: int) -> np.ndarray:
+    """Validation rows (N, S) as (M, B, S) batches for `n_dev` devices, padded with pad rows."""
+    batch = eval_batch_size(cfg, n_dev)
+    return pad_rows(rows, batch, pad_id).reshape(-1, batch, rows.shape[1])

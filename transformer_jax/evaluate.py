@@ -37,6 +37,7 @@ from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer
 from transformer_jax.surprisal import TokenScores
 from transformer_jax.tasks import Trained
+from transformer_jax.tokens import Corpus
 
 TOP = 5  # alternatives per token on the surprisal page
 _LN2 = math.log(2.0)
@@ -359,30 +360,31 @@ def file_text(path: str) -> Text:
 def validation_split(trained: Trained, name: str) -> Text:
     """Run `name`'s own validation split, from the corpus it recorded: what training scored
     (with --split-docs, its documents of at least --min-len tokens)."""
-    tcfg = trained.config.train
-    _, val_text = data.split_text(recorded_corpus(trained, name), tcfg.val_fraction)
-    size = len(val_text.encode("utf-8", "surrogatepass"))
-    if tcfg.split_docs is None:
-        documents = [val_text]
-    else:
-        documents = [d for d in data.split_documents(val_text, tcfg.split_docs)
-                     if len(trained.tokenizer.encode(d)) >= tcfg.min_len]
-    return Text(f"validation split of {name}", lambda: [_pieces(d) for d in documents], size)
+    tcfg, corpus = trained.config.train, recorded_corpus(trained, name)
+    cut = corpus.split(tcfg.val_fraction)
+    if tcfg.split_docs is None:  # read in pieces: the corpus may be larger than memory
+        size = sum(len(p.encode("utf-8", "surrogatepass")) for p in corpus.pieces(cut))
+        return Text(f"validation split of {name}", lambda: [corpus.pieces(cut)], size)
+    val_text = corpus.read()[cut:]
+    documents = [d for d in data.split_documents(val_text, tcfg.split_docs)
+                 if len(trained.tokenizer.encode(d)) >= tcfg.min_len]
+    return Text(f"validation split of {name}", lambda: [_pieces(d) for d in documents],
+                len(val_text.encode("utf-8", "surrogatepass")))
 
 
-def recorded_corpus(trained: Trained, name: str) -> str:
-    """The text of the corpus that run `name` was trained on, checked against its record."""
+def recorded_corpus(trained: Trained, name: str) -> Corpus:
+    """The corpus that run `name` was trained on, checked against its record."""
     record = trained.corpus
     if not record:
         raise UserError(f"{name} does not record its corpus (trained before evaluate.py "
                         "existed); give the text to judge with --data FILE")
     path = Path(record["path"])
-    text = data.read_text(path) if path.exists() else None
-    if text is None or data.corpus_record(path, text)["sha256"] != record["sha256"]:
-        state = "has changed" if text is not None else "is gone"
+    corpus = Corpus.scan(path) if path.exists() else None
+    if corpus is None or corpus.sha256 != record["sha256"]:
+        state = "has changed" if corpus is not None else "is gone"
         raise UserError(f"the corpus of {name}, {path}, {state} since training; give the text "
                         "to judge with --data FILE")
-    return text
+    return corpus
 
 
 def _pieces(text: str, size: int = 1 << 20) -> Iterator[str]:
@@ -404,7 +406,7 @@ def judge(trained: Trained, name: str, text: Text | None, *, mesh, context: int 
             raise UserError(f"--context, --stride and --html apply to text models; {name} is a "
                             "series model")
         if text is None:
-            csv, where = recorded_corpus(trained, name), f"the corpus of {name}"
+            csv, where = recorded_corpus(trained, name).read(), f"the corpus of {name}"
         else:
             csv, where = data.read_text(text.path), f"--data {text.path}"
         return {**about, "data": where, **forecast.validate(trained, csv, where=where)}, None

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transformer_jax import data, parallel, tasks, training
+from transformer_jax import data, parallel, tasks, tokens, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
 from transformer_jax.config import FIXED_ON_RESUME, Config
 from transformer_jax.errors import RunStopped, UserError
@@ -33,6 +33,7 @@ from transformer_jax.lock import RunLock
 from transformer_jax.metrics import Best, MetricsLog
 from transformer_jax.model import count_params
 from transformer_jax.tasks import Task, Trained
+from transformer_jax.tokens import Corpus
 
 # What differs when another key of the metadata differs.
 _META_NAMES = {"tokenizer": "a corpus with another vocabulary",
@@ -46,22 +47,25 @@ def load_for_sampling(run_dir: str | Path, step: int | str | None = None) -> Tra
     return tasks.load(run_dir, step)
 
 
-def train(config: Config, text: str, run_dir: str | Path, *, fresh: bool = False, devices=None,
-          quiet: bool = False, resume_command: str = "the same command",
+def train(config: Config, text: str | Corpus, run_dir: str | Path, *, fresh: bool = False,
+          devices=None, quiet: bool = False, resume_command: str = "the same command",
           resume_from: str = "latest", corpus: str | Path | None = None) -> dict:
-    """Train on `text` in `run_dir`, resuming from its newest checkpoint: a character model
-    from scratch, or, when `config.train.init` names a GPT-2, transfer learning from it, or,
-    when `config.train.columns` names columns, a series model of `text` read as CSV.
+    """Train on `text` in `run_dir`, resuming from its newest checkpoint: a model from
+    scratch, or, when `config.train.init` names a GPT-2, transfer learning from it, or, when
+    `config.train.columns` names columns, a series model of `text` read as CSV.
 
-    `corpus`, the file or directory `text` was read from, is recorded in every checkpoint (with
-    the text's sha256), so that `evaluate` finds the run's validation split again. See `fit`
-    for resuming, stopping and the result.
+    `text` is a string, or a `Corpus` read from a file in pieces (`Corpus.scan`: a corpus larger
+    than memory). Its file, or `corpus`, the file or directory a string was read from, is
+    recorded in every checkpoint (with the text's sha256), so that `evaluate` finds the run's
+    validation split again. See `fit` for resuming, stopping and the result.
     """
     if config.train.total_steps() <= 0:
         raise UserError("the run has no steps; give --steps N (or --epochs N for stream batching)")
     mesh = parallel.data_mesh(devices)
+    text = text if isinstance(text, Corpus) else Corpus.of_text(text)
     task = tasks.kind_of(config).build(config, text, mesh, say=_printer(quiet), quiet=quiet)
-    about = {"corpus": data.corpus_record(corpus, text)} if corpus is not None else {}
+    path = text.path or corpus
+    about = {"corpus": {**text.record(), "path": str(Path(path).absolute())}} if path else {}
     return fit(task, run_dir, mesh, fresh=fresh, quiet=quiet, resume_command=resume_command,
                resume_from=resume_from, about=about)
 
@@ -126,6 +130,7 @@ def _fit(task: Task, run_dir: Path, mesh, fresh: bool, quiet: bool, resume_comma
         f"{mesh.devices.flat[0].platform}  {task.kind.unit(task.config)}s/step: "
         f"{task.batches.tokens_per_step:,}")
     loop = _Loop.compile(task, mesh, log)
+    say(loop.feed.describe())
     bar = tqdm(total=tcfg.total_steps(), initial=start, disable=quiet, unit="step",
                dynamic_ncols=True, file=sys.stdout)
     note = (lambda *a: None) if quiet else bar.write  # bar.write ignores `disable`
@@ -249,8 +254,7 @@ class _Loop:
     train_chunk: Callable
     evaluate_fn: Callable
     schedule: Callable
-    source: Any
-    starts_sharding: Any
+    feed: _Feed
     val_all: Any
     val_some: Any
     frozen: Any
@@ -268,8 +272,7 @@ class _Loop:
                                                       tcfg.micro_batches),
                    training.compile_evaluate(mesh, task.eval_loss),
                    jax.jit(training.learning_rate(tcfg)),  # one compiled call, not ten eager ops
-                   parallel.place(batches.source, parallel.replicated(mesh)),
-                   parallel.split_batches(mesh), val_all, val_some,
+                   _Feed(batches, mesh), val_all, val_some,
                    parallel.place(task.frozen, parallel.replicated(mesh)), log,
                    time.perf_counter())
 
@@ -278,11 +281,10 @@ class _Loop:
         """Run the steps up to the next log point after `step`, evaluate when due, record the
         metrics: (new state, the record, whether the target loss is reached)."""
         tcfg, batches = self.task.config.train, self.task.batches
-        n = min(tcfg.steps_per_call, tcfg.total_steps() - step,
-                tcfg.eval_every - step % tcfg.eval_every, tcfg.save_every - step % tcfg.save_every)
+        n = _chunk_steps(tcfg, step)
         tick = time.perf_counter()
-        state, out = self.train_chunk(state, self.source, parallel.place(
-            batches.starts(step, n), self.starts_sharding), self.frozen)
+        state, out = self.train_chunk(state, *self.feed(step, n), self.frozen)
+        self.feed.prefetch(step + n, _chunk_steps(tcfg, step + n))  # while the chunk runs
         losses = _finite_losses(out, step, tcfg.on_nan, ckpt, note)
         step += n
         tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
@@ -318,6 +320,55 @@ class _Loop:
         note(f"step {step}: train loss {record['train_loss']:.4f}, val loss {ev['loss']:.4f}"
              f"{bits}")
         return reached
+
+
+def _chunk_steps(tcfg, step: int) -> int:
+    """Steps of the compiled chunk that starts after `step`: up to the next log point, or
+    evaluation, or checkpoint (0 at the end)."""
+    return min(tcfg.steps_per_call, tcfg.total_steps() - step,
+               tcfg.eval_every - step % tcfg.eval_every, tcfg.save_every - step % tcfg.save_every)
+
+
+class _Feed:
+    """Each chunk's training rows for the compiled steps: (source, starts) on the devices.
+
+    A training set of up to `data.ON_DEVICE_BYTES` is placed on every device once and the
+    chunk gathers its rows there; a larger one (a token file's map) stays on the host: a
+    chunk's rows are gathered from it here, while the chunk before runs, and handed over as a
+    source of their own.
+    """
+
+    def __init__(self, batches: data.Batches, mesh):
+        self.batches, self.mesh = batches, mesh
+        self.on_host = data.stays_on_host(batches.source)
+        self.source = None if self.on_host else parallel.place(batches.source,
+                                                               parallel.replicated(mesh))
+        self.ahead = None  # (step, n, what __call__ returns) of the next chunk
+
+    def describe(self) -> str:
+        size = sum(a.nbytes for a in jax.tree.leaves(self.batches.source)) / 1e6
+        return (f"training rows gathered on the host from {size:,.0f} MB of tokens, a chunk "
+                "ahead" if self.on_host else
+                f"training rows gathered on the devices from {size:,.1f} MB placed there")
+
+    def __call__(self, step: int, n: int) -> tuple[Any, Any]:
+        if self.ahead is not None and self.ahead[:2] == (step, n):
+            return self.ahead[2]
+        return self._place(step, n)
+
+    def prefetch(self, step: int, n: int) -> None:
+        """Gather and hand over the rows of the chunk of `n` steps after `step` now."""
+        self.ahead = (step, n, self._place(step, n)) if self.on_host and n else None
+
+    def _place(self, step: int, n: int) -> tuple[Any, Any]:
+        starts, source = self.batches.starts(step, n), self.source
+        if self.on_host:
+            row_len, ids = self.batches.row_len, self.batches.source
+            source = parallel.place(ids[starts[..., None] + np.arange(row_len)].reshape(-1),
+                                    parallel.replicated(self.mesh))
+            tokens.release(ids)
+            starts = (np.arange(starts.size, dtype=np.int32) * row_len).reshape(starts.shape)
+        return source, parallel.place(starts, parallel.split_batches(self.mesh))
 
 
 def _finite_losses(out: dict, step: int, on_nan: str, ckpt: RunCheckpoints, note) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from transformer_jax import data, training
+from transformer_jax import tokens, training
 from transformer_jax.bpe import TrainedBPE
 from transformer_jax.config import DEFAULT_BPE_VOCAB, Config
 from transformer_jax.errors import UserError
@@ -13,39 +13,40 @@ from transformer_jax.model import Transformer, init_params, param_shapes
 from transformer_jax.plot import CROSS_ENTROPY
 from transformer_jax.tasks.base import Task, TaskKind, Trained
 from transformer_jax.tokenizer import DEFAULT_SPECIALS, CharTokenizer, free_specials
+from transformer_jax.tokens import Corpus
 
 
-def tokenizer_of(config: Config, text: str, *, say=print):
-    """The vocabulary `config` asks for, of `text`: its characters, or a BPE trained on its
+def tokenizer_of(config: Config, corpus: Corpus, *, say=print):
+    """The vocabulary `config` asks for, of `corpus`: its characters, or a BPE trained on its
     training split; either way the four special symbols are free of the corpus."""
-    specials = free_specials(text)
+    specials = free_specials(corpus.charset)
     if specials != DEFAULT_SPECIALS:
         say(f"the corpus uses some of the default special symbols {DEFAULT_SPECIALS}; "
             f"start, end, unknown and pad are {specials} instead")
     asked, tcfg = config.model.vocab_size, config.train
     if tcfg.tokenizer == "char":
-        tokenizer = CharTokenizer.from_text(text, specials)
+        tokenizer = CharTokenizer.from_text(corpus.charset, specials)
         if asked not in (0, tokenizer.vocab_size):
             raise UserError(f"--vocab-size {asked} applies to --tokenizer bpe; the corpus's "
                             f"characters give {tokenizer.vocab_size} tokens")
         return tokenizer
-    train_text = data.split_text(text, tcfg.val_fraction)[0]
-    tokenizer = TrainedBPE.train(train_text, asked or DEFAULT_BPE_VOCAB, specials)
+    cut = corpus.split(tcfg.val_fraction)
+    tokenizer = TrainedBPE.train(corpus.pieces(0, cut), asked or DEFAULT_BPE_VOCAB, specials)
     say(f"tokenizer: a byte-level BPE of {tokenizer.vocab_size:,} tokens, trained on the "
-        f"training split ({len(train_text):,} characters)")
+        f"training split ({cut:,} characters)")
     return tokenizer
 
 
-def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
-    """The vocabulary of `text` (`tokenizer_of`) and the model of `config` over it;
+def build(config: Config, corpus: Corpus, mesh, *, say=print, quiet: bool = False) -> Task:
+    """The vocabulary of `corpus` (`tokenizer_of`) and the model of `config` over it;
     `config.model.vocab_size` is set from the vocabulary."""
-    tokenizer = tokenizer_of(config, text, say=say)
+    tokenizer = tokenizer_of(config, corpus, say=say)
     config = config.replace(vocab_size=tokenizer.vocab_size)
     cfg, tcfg = config.model, config.train
     if tcfg.tokens_per_sequence - 1 > cfg.max_len:
         raise UserError(f"--seq-len {tcfg.seq_len} gives {tcfg.tokens_per_sequence - 1} input "
                         f"tokens per row, more than --max-len {cfg.max_len}; raise --max-len")
-    batches, val_rows = data.datasets(tokenizer, text, tcfg, mesh.devices.size)
+    batches, val_rows = tokens.datasets(tokenizer, corpus, tcfg, mesh.devices.size, say=say)
     model = Transformer(cfg)
     return Task(KIND, config, training.lm_loss(model, tokenizer.pad_id, train=True),
                 training.lm_loss(model, tokenizer.pad_id, train=False),

@@ -18,6 +18,7 @@ from transformer_jax.errors import UserError
 from transformer_jax.model import SeriesTransformer, init_params, param_shapes
 from transformer_jax.series import Scaler, Series, column_names
 from transformer_jax.tasks.base import Task, TaskKind, Trained
+from transformer_jax.tokens import Corpus
 
 # What the training loss of each head is, for the loss curve.
 LOSS_LABELS = {"point": "mean squared error (standardised units)",
@@ -69,15 +70,15 @@ def validation_rows(z_NxF: np.ndarray, ends: np.ndarray, length: int, batch: int
     return {"x": batched(x), "w": batched(w)}
 
 
-def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
-    """A series model of the columns of CSV `text` named by `config.train.columns`.
+def build(config: Config, corpus: Corpus, mesh, *, say=print, quiet: bool = False) -> Task:
+    """A series model of the columns of the CSV `corpus` named by `config.train.columns`.
 
     The first rows (1 - val_fraction) are the training part, whose statistics standardise every
     column and are saved with each checkpoint; the validation loss is the one-step-ahead loss
     over every row of the rest.
     """
     tcfg = config.train
-    table = read(config, text)
+    table = read(config, corpus.read())
     n, n_train = len(table), series.train_rows(len(table), tcfg.val_fraction)
     _check_sizes(config, n, n_train, mesh.devices.size)
     scaler = Scaler.fit(table.values[:n_train], table.names)

@@ -9,12 +9,13 @@ import dataclasses
 import jax
 import numpy as np
 
-from transformer_jax import data, lora, training
+from transformer_jax import data, lora, tokens, training
 from transformer_jax.config import PRETRAINED_MODEL_FIELDS, Config
 from transformer_jax.errors import UserError
 from transformer_jax.model import Transformer, count_params, layered, param_shapes
 from transformer_jax.plot import CROSS_ENTROPY
 from transformer_jax.tasks.base import Task, TaskKind, Trained
+from transformer_jax.tokens import Corpus
 from transformer_jax.transfer import (
     full_vocabulary_head,
     head_loss,
@@ -24,8 +25,8 @@ from transformer_jax.transfer import (
 )
 
 
-def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) -> Task:
-    """Transfer learning from the GPT-2 named by `config.train.init` on `text`."""
+def build(config: Config, corpus: Corpus, mesh, *, say=print, quiet: bool = False) -> Task:
+    """Transfer learning from the GPT-2 named by `config.train.init` on `corpus`."""
     tcfg = config.train
     model0, params0, tokenizer, identity = load_base(tcfg.init)
     base_cfg = model0.config
@@ -34,24 +35,24 @@ def build(config: Config, text: str, mesh, *, say=print, quiet: bool = False) ->
     if tcfg.seq_len > base_cfg.max_len:
         raise UserError(f"--seq-len {tcfg.seq_len} exceeds the context of {tcfg.init} "
                         f"({base_cfg.max_len} tokens); lower --seq-len")
-    batches, val_rows = data.datasets(tokenizer, text, tcfg, mesh.devices.size)
+    batches, val_rows = tokens.datasets(tokenizer, corpus, tcfg, mesh.devices.size, say=say)
     pad = tokenizer.pad_id
     used = np.concatenate([batches.source, val_rows.ravel()])
-    tokens = np.unique(used[used != pad])
-    if tokens.max() >= base_cfg.vocab_size:
+    used_ids = np.unique(used[used != pad])
+    if used_ids.max() >= base_cfg.vocab_size:
         raise UserError(f"the tokenizer of {tcfg.init} gives ids beyond its model's vocabulary "
                         f"({base_cfg.vocab_size})")
-    cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=len(tokens),
+    cfg = dataclasses.replace(base_cfg, tie_embeddings=False, head_size=len(used_ids),
                               head_bias=False,
                               **{k: getattr(config.model, k) for k in PRETRAINED_MODEL_FIELDS})
     params0 = layered(params0, cfg.scan_layers)
     config = Config(cfg, tcfg)
-    meta = {"config": config.to_dict(), "base": identity, "tokens": tokens.tolist()}
-    new_head = restricted_head(np.asarray(params0["embed"]["embedding"]), tokens)
-    say(f"corpus: {len(tokens):,} distinct tokens of GPT-2's {tokenizer.vocab_size:,}; "
+    meta = {"config": config.to_dict(), "base": identity, "tokens": used_ids.tolist()}
+    new_head = restricted_head(np.asarray(params0["embed"]["embedding"]), used_ids)
+    say(f"corpus: {len(used_ids):,} distinct tokens of GPT-2's {tokenizer.vocab_size:,}; "
         f"fine-tuning: {tcfg.finetune}")
     index = np.zeros(max(base_cfg.vocab_size, pad + 1), np.int32)  # token id -> head output
-    index[tokens] = np.arange(len(tokens))
+    index[used_ids] = np.arange(len(used_ids))
     if tcfg.finetune != "head":
         model = Transformer(cfg)
         lm_loss = lambda train: training.lm_loss(model, pad, train=train, target_ids=index)
