@@ -46,11 +46,7 @@ class CharTokenizer:
     def from_text(cls, text: str, specials: tuple[str, str, str, str] = DEFAULT_SPECIALS
                   ) -> CharTokenizer:
         """Vocabulary of `text`'s distinct characters plus `specials` (start, end, unknown, pad)."""
-        seen = np.zeros(0x110000, dtype=bool)
-        for points in _code_point_chunks(text):
-            seen[points] = True
-        points = np.flatnonzero(seen)
-        return cls(tuple(chr(p) for p in points), *specials)
+        return cls(tuple(distinct_chars(text)), *specials)
 
     @property
     def specials(self) -> tuple[str, str, str, str]:
@@ -133,6 +129,14 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def distinct_chars(text: str) -> str:
+    """The distinct characters of `text`, sorted (numpy over its code points)."""
+    seen = np.zeros(0x110000, dtype=bool)
+    for points in _code_point_chunks(text):
+        seen[points] = True
+    return "".join(map(chr, np.flatnonzero(seen)))
 
 
 def smallest_uint(n: int) -> np.dtype:

@@ -25,7 +25,7 @@ from transformer_jax import data
 from transformer_jax.config import TrainConfig
 from transformer_jax.corpus import user_cache_dir
 from transformer_jax.errors import UserError
-from transformer_jax.tokenizer import CharTokenizer
+from transformer_jax.tokenizer import distinct_chars
 
 FORMAT = 1  # of the token files' record: a file of another format is rebuilt
 PIECE_BYTES = 1 << 22  # a corpus on disk is read this much at a time
@@ -45,8 +45,8 @@ class Corpus:
     @classmethod
     def of_text(cls, text: str) -> Corpus:
         """A text already in memory (nothing is cached for it)."""
-        return cls(len(text), _sha256([text]), "".join(CharTokenizer.from_text(text).chars),
-                   text=text)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return cls(len(text), digest, distinct_chars(text), text=text)
 
     @classmethod
     def scan(cls, path: str | Path) -> Corpus:
@@ -56,7 +56,7 @@ class Corpus:
         for piece in data.iter_text(path, PIECE_BYTES):
             digest.update(piece.encode("utf-8", "surrogatepass"))
             chars += len(piece)
-            seen.update(CharTokenizer.from_text(piece).chars)
+            seen.update(distinct_chars(piece))
         if not seen or "".join(seen).isspace():
             raise UserError(f"corpus {path} is empty; give a file with some text")
         return cls(chars, digest.hexdigest(), "".join(sorted(seen)), path=Path(path))
@@ -148,13 +148,6 @@ def release(ids: np.ndarray) -> None:
         base = base.base
     if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         base.madvise(mmap.MADV_DONTNEED)
-
-
-def _sha256(pieces: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece.encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
 
 
 def _key(corpus: Corpus, tokenizer, val_fraction: float) -> str:
