@@ -78,6 +78,8 @@ def test_a_token_file_holds_each_splits_ids_and_is_reused(corpus_dir, bpe, kind)
     said.clear()
     again = tokens.token_ids(Corpus.scan(corpus_dir), tok, 0.25, say=said.append)
     assert said == [] and np.array_equal(again[0], train)
+    assert tokens.mapping(train) is tokens.mapping(val) is not None
+    assert tokens.mapping(expected[0]) is None
     tokens.release(train)  # the pages go; the ids stay readable
     assert np.array_equal(train, expected[0])
 

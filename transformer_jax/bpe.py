@@ -23,7 +23,7 @@ SPECIALS = 4  # start, end, unknown, pad: after the trained vocabulary, as CharT
 MIN_VOCAB = 256 + SPECIALS  # the byte alphabet and the special symbols
 # In reversed text, a whitespace character followed by a non-whitespace one (see `cut`).
 _SPACE_AFTER_WORD_REVERSED = re.compile(r"\s(?=\S)")
-_PIECE_CHARS = 1 << 16  # text encoded (or trained on) a piece at a time, cut where `cut` allows
+_PIECE_CHARS = 1 << 13  # text encoded (or trained on) a piece at a time, cut where `cut` allows
 
 
 class BPETokenizer:

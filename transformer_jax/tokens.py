@@ -143,11 +143,18 @@ def release(ids: np.ndarray) -> None:
     """Let go of the pages of a token file that reading `ids` (a view of the file) brought in,
     so that a process reading all over a large file keeps only what it reads next; the pages
     stay in the system's file cache. Nothing for ids in memory."""
+    mapped = mapping(ids)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def mapping(ids: np.ndarray) -> mmap.mmap | None:
+    """The token file's map that `ids` views, if it views one."""
     base = ids
     while isinstance(base, np.ndarray):
         base = base.base
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        base.madvise(mmap.MADV_DONTNEED)
+    base = base.obj if isinstance(base, memoryview) else base
+    return base if isinstance(base, mmap.mmap) else None
 
 
 def _key(corpus: Corpus, tokenizer, val_fraction: float) -> str:
@@ -206,6 +213,10 @@ def _write(path: Path, key: str, corpus: Corpus, tokenizer, cut: int, say) -> di
 
 
 def _map(path: Path) -> mmap.mmap:
-    """`path` (never empty: a corpus has at least one token) mapped read-only."""
+    """`path` (never empty: a corpus has at least one token) mapped read-only, for reads at
+    random places: no read-ahead, which on some kernels maps megabytes around every row."""
     with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
