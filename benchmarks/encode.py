@@ -7,10 +7,10 @@ Repeats `--data` to `--size-mb` megabytes in a temporary file (and to `--bpe-siz
 slower BPE). Then, each in a fresh process with an empty cache: for `--tokenizer char` and
 `bpe`, what training does before its first step (`Corpus.scan`, the vocabulary: characters, or
 a BPE trained on the training split, and the token file `tokens.token_ids` writes), timed by
-phase; and `train.py --preset fast` for `--steps` steps on the large corpus, whose peak
-resident memory is divided by the corpus's size. The same training on a 1 MB corpus gives the
-memory a process needs without any corpus (JAX, the model, compiled programs), printed beside
-it.
+phase; and `train.py --preset fast` (which writes its own token file: its split differs) for
+`--steps` steps on the large corpus, whose peak resident memory is divided by the corpus's
+size. The same training on a 1 MB corpus gives the memory a process needs without any corpus
+(JAX, the model, compiled programs), printed beside it.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def main() -> None:
         seconds = time.perf_counter() - t
         base = train_peak(small, args.steps, env, tmp / "run-small")
     print(f"train.py --preset fast, {args.steps} steps on the {size / 1e6:,.0f} MB corpus "
-          f"(token file cached): peak memory {big / 1e6:,.0f} MB in {seconds:.0f} s; on a 1 MB "
-          f"corpus {base / 1e6:,.0f} MB")
+          f"(its token file written first): peak memory {big / 1e6:,.0f} MB in {seconds:.0f} s; "
+          f"on a 1 MB corpus {base / 1e6:,.0f} MB")
     common.report(**figures, train_peak_ratio=big / size,
                   train_peak_above_small_ratio=(big - base) / size, size_mb=round(size / 1e6))
 

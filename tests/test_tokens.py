@@ -80,7 +80,11 @@ def test_a_token_file_holds_each_splits_ids_and_is_reused(corpus_dir, bpe, kind)
     assert said == [] and np.array_equal(again[0], train)
     assert tokens.mapping(train) is tokens.mapping(val) is not None
     assert tokens.mapping(expected[0]) is None
-    tokens.release(train)  # the pages go; the ids stay readable
+    starts = np.array([[0, 5, len(val) - 7], [3, 3, 1]])
+    for ids, whole in ((train, expected[0]), (val, expected[1])):
+        got = tokens.rows(ids, starts, 7)  # read, each row's pages let go, read again
+        assert np.array_equal(got, whole[starts[..., None] + np.arange(7)])
+        assert np.array_equal(tokens.rows(ids, starts, 7), got)
     assert np.array_equal(train, expected[0])
 
 

@@ -363,10 +363,9 @@ class _Feed:
     def _place(self, step: int, n: int) -> tuple[Any, Any]:
         starts, source = self.batches.starts(step, n), self.source
         if self.on_host:
-            row_len, ids = self.batches.row_len, self.batches.source
-            source = parallel.place(ids[starts[..., None] + np.arange(row_len)].reshape(-1),
+            row_len = self.batches.row_len
+            source = parallel.place(tokens.rows(self.batches.source, starts, row_len).reshape(-1),
                                     parallel.replicated(self.mesh))
-            tokens.release(ids)
             starts = (np.arange(starts.size, dtype=np.int32) * row_len).reshape(starts.shape)
         return source, parallel.place(starts, parallel.split_batches(self.mesh))
 

@@ -139,13 +139,22 @@ def cache_dir() -> Path:
     return user_cache_dir() / "tokens"
 
 
-def release(ids: np.ndarray) -> None:
-    """Let go of the pages of a token file that reading `ids` (a view of the file) brought in,
-    so that a process reading all over a large file keeps only what it reads next; the pages
-    stay in the system's file cache. Nothing for ids in memory."""
+def rows(ids: np.ndarray, starts: np.ndarray, row_len: int) -> np.ndarray:
+    """ids[s : s + row_len] for every start: (...,) -> (..., row_len). From a token file's
+    map, a row at a time, each row's pages let go once read (they stay in the system's file
+    cache): a process reading all over a large file keeps only the row it reads, though the
+    kernel may map a large block of the file around each."""
     mapped = mapping(ids)
-    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return ids[starts[..., None] + np.arange(row_len)]
+    out = np.empty((starts.size, row_len), ids.dtype)
+    size, page = ids.itemsize, mmap.PAGESIZE
+    offset = ids.ctypes.data - np.frombuffer(mapped, np.uint8).ctypes.data  # of ids in the map
+    for i, start in enumerate(starts.reshape(-1).tolist()):
+        out[i] = ids[start:start + row_len]
+        lo = (offset + start * size) // page * page
+        mapped.madvise(mmap.MADV_DONTNEED, lo, offset + (start + row_len) * size - lo)
+    return out.reshape(*starts.shape, row_len)
 
 
 def mapping(ids: np.ndarray) -> mmap.mmap | None:
