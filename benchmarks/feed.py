@@ -40,7 +40,7 @@ def main() -> None:
     try:
         corpus = Corpus.scan(args.data)
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        p.error(str(e))
     config = preset(args.preset).replace(steps=args.steps, eval_every=args.steps,
                                          save_every=args.steps, eval_batches=1)
     limit, ratios = data.ON_DEVICE_BYTES, []

@@ -71,8 +71,13 @@ def iter_text(path: str | Path, chunk_bytes: int = 1 << 22, *, what: str = "corp
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, validation): the last `val_fraction` of the characters is held out."""
-    cut = len(text) - int(len(text) * val_fraction)
+    cut = split_point(len(text), val_fraction)
     return text[:cut], text[cut:]
+
+
+def split_point(chars: int, val_fraction: float) -> int:
+    """Where the validation split of a text of `chars` characters starts."""
+    return chars - int(chars * val_fraction)
 
 
 @dataclass(frozen=True)

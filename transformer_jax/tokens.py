@@ -81,9 +81,8 @@ class Corpus:
         return self.text if self.text is not None else "".join(self.pieces())
 
     def split(self, val_fraction: float) -> int:
-        """Where the validation split starts: its last `val_fraction` of the characters (as
-        `data.split_text`)."""
-        return self.chars - int(self.chars * val_fraction)
+        """Where the validation split starts (`data.split_text`'s cut)."""
+        return data.split_point(self.chars, val_fraction)
 
     def record(self) -> dict:
         """What a run records of its corpus: the file's absolute path, the text's length and
@@ -113,7 +112,7 @@ def token_ids(corpus: Corpus, tokenizer, val_fraction: float, *, say=print
     cut = corpus.split(val_fraction)
     if corpus.text is not None:
         return tuple(np.asarray(tokenizer.encode(t), tokenizer.id_dtype)
-                     for t in (corpus.text[:cut], corpus.text[cut:]))
+                     for t in data.split_text(corpus.text, val_fraction))
     key = _key(corpus, tokenizer, val_fraction)
     path = cache_dir() / f"{key[:40]}.ids"
     record = _record_of(path, key, say)
