@@ -11,6 +11,9 @@ counts. MFU is model FLOPs (`flops_per_token`) per second over the rate of a lar
 the same dtype, measured in the same run with JAX's default matmul precision, as training
 uses. Sampling is `benchmarks/gpt2.py`'s measurement of a random GPT-2 small in the first of
 --dtypes. A part that fails (out of memory, say) is reported and the run goes on.
+
+Target: GPT-2 small's shape in bfloat16 at MFU >= 0.50 (`MFU_TARGET`) on an NVIDIA GPU; the
+last line says whether it is met (`gpt2_small_bfloat16_mfu_met`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from transformer_jax.model import Transformer, flops_per_token, init_params  # n
 
 CORE_VOCAB = 65  # tinyshakespeare's characters
 DTYPES = ("float32", "bfloat16")
+MFU_TARGET = 0.50  # GPT-2 small's shape, bfloat16
 
 
 def shapes(small: bool) -> dict[str, tuple[TransformerConfig, int]]:
@@ -142,6 +146,10 @@ def main() -> None:
                             f"{name}_{dtype}_mfu": mfu})
             say(f"{label}: {tokens_per_s:,.0f} tokens/s, {1e3 * seconds:.1f} ms/step, "
                 f"MFU {mfu:.2f}")
+    if "gpt2_small_bfloat16_mfu" in figures:
+        met = figures["gpt2_small_bfloat16_mfu"] >= MFU_TARGET
+        figures.update(mfu_target=MFU_TARGET, gpt2_small_bfloat16_mfu_met=met)
+        say(f"gpt2_small bfloat16 MFU target {MFU_TARGET:.2f}: {'met' if met else 'NOT met'}")
     config = dataclasses.replace(models["gpt2_small"][0], dtype=dtypes[0])
     sampled = attempt("gpt2 sampling", lambda: gpt2.measure(
         Transformer(config), init_params(config, jax.random.PRNGKey(0))))

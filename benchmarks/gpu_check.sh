@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything issue 6 asks of a GPU, in one go (about 8 minutes on one H100): the tests that
 # only run there (cuDNN attention, bfloat16), then benchmarks/accelerator.py in float32 and
-# bfloat16, then bfloat16 again with --scan-layers and with --remat. Logs go to $OUT (the
-# device tool's folder) or ./gpu-check; record the figures in benchmarks/RESULTS.md.
+# bfloat16, then bfloat16 again with --scan-layers and with --remat. Target: GPT-2 small's
+# shape in bfloat16 at MFU >= 0.50 (accelerator.py's MFU_TARGET; its last line says whether
+# it is met). Logs go to $OUT (the device tool's folder) or ./gpu-check; record the card,
+# the figures and this command in benchmarks/RESULTS.md.
 #
 #     bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #     bash benchmarks/gpu_check.sh --small    # a dry run of the same steps on a CPU

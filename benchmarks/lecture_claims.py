@@ -26,11 +26,11 @@ number of steps a budget buys is not known in advance: linear warm-up over its f
 cosine decay to a tenth of the peak at its end. Peak learning rates: --lr-transformer (4e-3)
 and --lr-lstm (5e-3).
 
-Each model's first step compiles and is thrown away (its update discarded) before the clock
-starts; evaluation is after the budget and outside it. Steps run one at a time on one XLA CPU
-device by default, which spreads each operation over every core (--cpu-devices N: N host
-devices, the batch split over them per device with `jax.shard_map`, the gradients averaged
-once per step).
+Steps run as train.py runs them: --chunk steps per compiled call (a `lax.scan`), one XLA host
+device per core (--cpu-devices), the batch split over them with `jax.shard_map` and the
+gradients averaged once per step. Each model's programs are compiled, and one chunk timed,
+before its clock starts, their updates thrown away; evaluation is after the budget and outside
+it.
 """
 
 from __future__ import annotations
@@ -135,11 +135,16 @@ def lr_at(peak: float, fraction: float) -> float:
 
 
 def train(model, params, pad_id: int, batches, tcfg, peak_lr: float, seconds: float, mesh,
-          name: str):
-    """Steps of AdamW on `batches` until `seconds` of wall-clock have passed.
+          name: str, chunk: int):
+    """Steps of AdamW on `batches` until `seconds` of wall-clock have passed, `chunk` steps per
+    compiled call (a `lax.scan`, as train.py runs them).
+
+    The learning rate is an input of every step: each chunk's rates follow the schedule at the
+    times its steps are expected to start (the elapsed time plus the last call's seconds per
+    step); the budget's last steps, fewer than a chunk's time, run one at a time.
 
     Returns:
-      (params, steps, seconds, mean training loss over the last 10% of steps, nats/token).
+      (params, steps, seconds, mean training loss over the last 10% of steps).
     """
     import jax
     import jax.numpy as jnp
@@ -156,7 +161,7 @@ def train(model, params, pad_id: int, batches, tcfg, peak_lr: float, seconds: fl
                      optax.scale_by_adam(tcfg.beta1, tcfg.beta2, eps=1e-8),
                      optax.add_decayed_weights(tcfg.weight_decay))
     loss_fn = training.lm_loss(model, pad_id, train=True)
-    replicated, rows_sharding = parallel.replicated(mesh), parallel.split_rows(mesh)
+    replicated = parallel.replicated(mesh)
 
     def local_grads(params, source, starts_b):
         """Each device's mean loss and gradient over its rows, averaged over the devices: the
@@ -173,27 +178,48 @@ def train(model, params, pad_id: int, batches, tcfg, peak_lr: float, seconds: fl
     local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(), P(parallel.AXIS)),
                                 out_specs=P(), check_vma=False)
 
-    def step(params, opt_state, source, starts_B, lr):
-        loss, grads = local_grads(params, source, starts_B)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-        return params, opt_state, loss
+    def steps(params, opt_state, source, starts_KxB, lr_K):
+        def body(carry, xs):
+            params, opt_state = carry
+            starts_B, lr = xs
+            loss, grads = local_grads(params, source, starts_B)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+            return (params, opt_state), loss
 
-    step = jax.jit(step, in_shardings=(replicated, replicated, replicated, rows_sharding, None),
-                   out_shardings=(replicated, replicated, replicated))
+        (params, opt_state), losses_K = jax.lax.scan(body, (params, opt_state),
+                                                     (starts_KxB, lr_K))
+        return params, opt_state, losses_K
+
+    steps = jax.jit(steps, in_shardings=(replicated, replicated, replicated,
+                                         parallel.split_batches(mesh), None),
+                    out_shardings=(replicated, replicated, replicated))
     params = parallel.place(params, replicated)
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
     source = parallel.place(batches.source, replicated)
-    starts = lambda i: parallel.place(batches.starts(i, 1)[0], rows_sharding)
-    jax.block_until_ready(step(params, opt_state, source, starts(0), jnp.float32(0.0)))
+    starts = lambda done, k: parallel.place(batches.starts(done, k), parallel.split_batches(mesh))
+
+    # Compile both chunk lengths (the full chunk, and one step for the budget's last steps)
+    # before the clock, their results thrown away; a second, timed call of the full chunk
+    # gives the seconds per step that the first chunk's rates are placed by.
+    run = lambda k: jax.block_until_ready(
+        steps(params, opt_state, source, starts(0, k), jnp.zeros((k,), jnp.float32)))
+    run(1), run(chunk)
+    t = time.perf_counter()
+    run(chunk)
+    step_seconds = (time.perf_counter() - t) / chunk
 
     losses, report_at, t0 = [], seconds / 4, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
-        lr = jnp.float32(lr_at(peak_lr, elapsed / seconds))
-        params, opt_state, loss = step(params, opt_state, source, starts(len(losses)), lr)
-        losses.append(float(loss))
-        if not math.isfinite(losses[-1]):
-            raise SystemExit(f"{name}: non-finite loss at step {len(losses)}; lower its lr")
+        k = chunk if (seconds - elapsed) / step_seconds >= chunk else 1
+        lr_K = jnp.asarray([lr_at(peak_lr, (elapsed + i * step_seconds) / seconds)
+                            for i in range(k)], jnp.float32)
+        params, opt_state, losses_K = steps(params, opt_state, source, starts(len(losses), k),
+                                            lr_K)
+        losses.extend(np.asarray(losses_K).tolist())
+        if not all(map(math.isfinite, losses[-k:])):
+            raise SystemExit(f"{name}: non-finite loss by step {len(losses)}; lower its lr")
+        step_seconds = (time.perf_counter() - t0 - elapsed) / k
         if time.perf_counter() - t0 >= report_at:
             print(f"  {name}: {len(losses)} steps, train loss {losses[-1]:.4f}, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -263,7 +289,8 @@ def run(args) -> None:
             model, params = models[family]
             params, steps, seconds, loss = train(
                 model, params, tokenizer.pad_id, batches, config.train,
-                vars(args)[f"lr_{family}"], args.minutes * 60, mesh, name)
+                vars(args)[f"lr_{family}"], args.minutes * 60, mesh, name,
+                args.chunk)
             bpb = bits_per_byte(model, params, tokenizer, val_text, args.seq_len, eval_batch,
                                 mesh)
             print(f"{name}: {steps} steps, train loss {loss:.4f} (last 10% of steps), "
@@ -301,8 +328,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of the corpus, at its end, held out for validation")
-    p.add_argument("--cpu-devices", type=int, default=1,
-                   help="XLA host devices, the batch split over them; one uses every core")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="XLA host devices, the batch split over them (default: one per core)")
+    p.add_argument("--chunk", type=int, default=10, help="training steps per compiled call")
     for family in PEAK_LR:
         p.add_argument(f"--lr-{family}", type=float, default=PEAK_LR[family],
                        help=f"peak AdamW learning rate of the {family.replace('lstm', 'LSTM')}s")
@@ -311,8 +339,10 @@ def main() -> None:
     args = p.parse_args()
     if args.minutes <= 0:
         p.error("--minutes must be positive")
-    if args.cpu_devices <= 0:
+    if args.cpu_devices is not None and args.cpu_devices <= 0:
         p.error("--cpu-devices must be positive")
+    if args.chunk <= 0:
+        p.error("--chunk must be positive")
     common.use_cpu_cores(args.cpu_devices)
     from transformer_jax.errors import UserError
 

@@ -13,15 +13,27 @@ pass over the last `max_len` tokens per new token.
 
 --memory trains a one-step `default` run and prints sample.py's peak resident memory for
 1,000 and for --memory-tokens (1,000,000) new tokens, and their ratio.
+
+--latency trains a one-step `default` run (the shape is what counts: 4 layers, 4 heads, d 128,
+context 256) and times whole processes of `sample.py --max-new-tokens 500` from launch to exit,
+with an empty compilation cache (`cold`) and then with the one that run left (`warm`, as a
+user's later calls find it); with PyTorch installed, also nanoGPT's sampling loop on a model of
+the same shape (`torch_reference.py sample`), whole process too. `latency_ratio` is the
+reference's seconds over our warm seconds (target >= 1: no slower). Each is the median of
+--repeats processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -50,6 +62,44 @@ def recompute(params, window_1xW, length, *, model, n):
     return jax.lax.scan(body, (window_1xW, length), None, length=n)[1]
 
 
+def train_one_step(data: str, run_dir: Path) -> None:
+    """A `default` preset run of one step: a checkpoint of that shape for sample.py."""
+    subprocess.run([sys.executable, str(REPO / "train.py"), "--data", data, "--run-dir",
+                    str(run_dir), "--steps", "1", "--eval-every", "1", "--eval-batches", "1"],
+                   stdout=subprocess.DEVNULL, check=True)
+
+
+def process_seconds(cmd: list[str], env: dict) -> float:
+    """Wall time of one whole process, launch to exit."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def latency(data: str, tokens: int, repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, cache = Path(tmp) / "run", Path(tmp) / "xla"
+        train_one_step(data, run_dir)
+        ours = [sys.executable, str(REPO / "sample.py"), "--run-dir", str(run_dir),
+                "--max-new-tokens", str(tokens), "--ignore-eos"]
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+        cold = []
+        for _ in range(repeats):
+            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            cold.append(process_seconds(ours, env))
+        warm = [process_seconds(ours, env) for _ in range(repeats)]
+    figures = {"cold_seconds": statistics.median(cold), "warm_seconds": statistics.median(warm)}
+    if importlib.util.find_spec("torch") is not None:
+        reference = [sys.executable, str(REPO / "benchmarks" / "torch_reference.py"), "sample",
+                     "--data", data, "--tokens", str(tokens)]
+        ref = [process_seconds(reference, env) for _ in range(repeats)]
+        figures["reference_seconds"] = statistics.median(ref)
+        figures["latency_ratio"] = figures["reference_seconds"] / figures["warm_seconds"]
+    print(f"sample.py --max-new-tokens {tokens}, default preset's shape, whole process "
+          f"(median of {repeats})")
+    common.report(**{k: round(v, 3) for k, v in figures.items()})
+
+
 _PEAK_RSS = """
 import resource, sys
 from transformer_jax.cli import sample_main
@@ -69,9 +119,7 @@ def peak_rss_mb(run_dir: Path, tokens: int) -> float:
 def memory(data: str, tokens: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        subprocess.run([sys.executable, str(REPO / "train.py"), "--data", data, "--run-dir",
-                        str(run_dir), "--steps", "1", "--eval-every", "1", "--eval-batches",
-                        "1"], stdout=subprocess.DEVNULL, check=True)
+        train_one_step(data, run_dir)
         short, long = peak_rss_mb(run_dir, 1000), peak_rss_mb(run_dir, tokens)
     print(f"sample.py, default preset run: peak RSS for 1,000 and {tokens:,} new tokens")
     common.report(peak_rss_mb_1000=round(short), peak_rss_mb_long=round(long),
@@ -85,9 +133,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", action="store_true", help="measure sample.py's peak memory")
     p.add_argument("--memory-tokens", type=int, default=1_000_000)
+    p.add_argument("--latency", action="store_true",
+                   help="time whole sample.py processes of --latency-tokens new tokens "
+                   "(against nanoGPT's loop where PyTorch is installed)")
+    p.add_argument("--latency-tokens", type=int, default=500)
     args = p.parse_args()
     if args.memory:
         memory(args.data, args.memory_tokens)
+        return
+    if args.latency:
+        latency(args.data, args.latency_tokens, args.repeats)
         return
     from transformer_jax import config as config_lib
     from transformer_jax.model import Transformer, init_params
