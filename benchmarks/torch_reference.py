@@ -129,12 +129,11 @@ def char_ids(text: str) -> tuple[np.ndarray, np.ndarray, int]:
 def split_loss(model: GPT, ids: np.ndarray) -> float:
     """Mean loss over every target of `ids` once: non-overlapping windows of the context,
     each row's last id the next row's first, the last window shorter."""
-    total, count, T = 0.0, 0, model.seq_len
+    total, count, T, data = 0.0, 0, model.seq_len, torch.from_numpy(ids)
     with torch.no_grad():
         for lo in range(0, len(ids) - 1, 256 * T):
             hi = min(lo + 256 * T, len(ids) - 1)
             n = (hi - lo) // T
-            data = torch.from_numpy(ids)
             if n:
                 x = data[lo:lo + n * T].view(n, T)
                 y = data[lo + 1:lo + n * T + 1].view(n, T)
