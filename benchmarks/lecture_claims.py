@@ -239,7 +239,8 @@ def bits_per_byte(model, params, tokenizer, val_text: str, seq_len: int, batch_s
                          tokenizer.pad_id)
     evaluate = training.compile_evaluate(mesh, training.lm_loss(model, tokenizer.pad_id,
                                                                 train=False))
-    total, count = evaluate(params, rows.reshape(-1, batch_size, rows.shape[1]), None)
+    batches = rows.reshape(-1, batch_size, rows.shape[1])
+    total, count = evaluate(params, batches, len(batches), None)
     assert int(count) == len(ids) - 1, (int(count), len(ids))
     return float(total) / math.log(2) / len(val_text.encode("utf-8"))
 

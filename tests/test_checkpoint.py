@@ -6,6 +6,8 @@ import contextlib
 import functools
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -365,3 +367,18 @@ def test_scanned_layers_train_resume_and_sample_as_the_unrolled_model(tmp_path):
                     rng=jax.random.PRNGKey(0))
            for c, p in ((config, params), (config.replace(scan_layers=False), reference))]
     np.testing.assert_array_equal(*new)
+
+
+def test_a_new_run_directory_needs_no_orbax_until_a_step_is_saved(tmp_path):
+    """Orbax (half a second of imports) waits for the first save: a new run reaches its first
+    step without it."""
+    code = ("import sys\n"
+            "from transformer_jax.checkpoint import RunCheckpoints\n"
+            "ckpt = RunCheckpoints(sys.argv[1])\n"
+            "assert ckpt.steps() == [] and ckpt.latest_step() is None\n"
+            "ckpt.wait(); ckpt.close()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('orbax')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]"
+    assert (tmp_path / "checkpoints").is_dir()

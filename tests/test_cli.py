@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -226,14 +227,39 @@ def test_fresh_restarts_from_step_zero(trained, tmp_path, corpus):
     run_dir = tmp_path / "again"
     shutil.copytree(trained[0], run_dir)
     proc = run_script("train.py", *TINY, "--steps", "10", "--eval-every", "10",
-                      "--save-every", "10", "--data", corpus, "--run-dir", run_dir, "--fresh")
+                      "--save-every", "10", "--data", corpus, "--run-dir", run_dir, "--fresh",
+                      "--verbose")
     assert proc.returncode == 0, proc.stderr
+    assert [name.split(":")[0] for _, name in _phases(proc.stderr)] == [
+        "imports", "corpus scanned", "task built", "state initialised",
+        "data placed on the devices", "steps 1-10 compiled (or loaded from the compilation "
+        "cache) and run", "first evaluation"]
     assert "resuming" not in proc.stdout and "nothing to do" not in proc.stdout
     assert str(run_dir / "checkpoints" / "10") in proc.stdout
     assert _steps_in(run_dir) == [10]  # the old steps 10 and 20 are gone
     records = [json.loads(line) for line in
                (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10]
+
+
+def _phases(stderr: str) -> list[tuple[float, str]]:
+    """The --verbose lines of `stderr` as (seconds since the start, phase), checked: each
+    names its own seconds, and the times add up."""
+    lines = re.findall(r"^\[ *([\d.]+) s\] (.*) \(\+([\d.]+) s\)$", stderr, re.MULTILINE)
+    assert lines, stderr
+    times = [float(t) for t, _, _ in lines]
+    assert times == sorted(times) and 0 < times[0] < 120
+    for (t0, _, _), (t1, _, own) in zip(lines, lines[1:]):
+        assert abs(float(t1) - float(t0) - float(own)) <= 0.011
+    return [(float(t), name) for t, name, _ in lines]
+
+
+def test_sample_cli_verbose_times_its_phases_up_to_the_first_new_tokens(trained):
+    proc = run_script("sample.py", "--run-dir", trained[0], "--max-new-tokens", "5",
+                      "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert [name.split(":")[0] for _, name in _phases(proc.stderr)] == [
+        "imports", "model loaded", "first new tokens"]
 
 
 def test_default_cpu_devices_accept_a_batch_size_the_core_count_does_not_divide(tmp_path,

@@ -293,7 +293,7 @@ def test_evaluate_equals_lecture_totalavgloss():
     rows = data.pad_rows(rows, 4, tok.pad_id).reshape(-1, 4, rows.shape[1])  # (2, 4, 18)
     assert rows.shape[0] == 2 and (rows == tok.pad_id).all(axis=-1).any()
     evaluate = training.compile_evaluate(mesh, training.lm_loss(model, tok.pad_id, train=False))
-    result = training.evaluate(evaluate, params, jnp.asarray(rows))
+    result = training.evaluate(evaluate, params, training.eval_groups(rows))
     total, count = 0.0, 0
     for batch in rows:
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -304,6 +304,32 @@ def test_evaluate_equals_lecture_totalavgloss():
     assert count == len(text) + 5  # every character once, and each of the 5 pieces' end
     np.testing.assert_allclose(result["loss"], total / count, rtol=1e-5)
     np.testing.assert_allclose(result["bpc"], total / count / math.log(2), rtol=1e-5)
+
+
+def test_evaluation_in_groups_of_one_shape_equals_one_call():
+    """Three batches in groups of two, the second filled up with a repeated batch that the sum
+    leaves out: the loss of all three at once, from one compiled program for both groups."""
+    text = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak."
+    tok = CharTokenizer.from_text(text)
+    model, params = tiny_model(tok.vocab_size, max_len=17)
+    mesh = parallel.data_mesh(jax.devices()[:2 if len(jax.devices()) > 1 else 1])
+    rows = data.stream_rows(tok, text, seq_len=16, streams=1)[0]
+    rows = data.pad_rows(rows, 2, tok.pad_id).reshape(-1, 2, rows.shape[1])  # (3, 2, 18)
+    loss = training.lm_loss(model, tok.pad_id, train=False)
+    whole = training.evaluate(training.compile_evaluate(mesh, loss), params,
+                              training.eval_groups(rows))
+    groups = training.eval_groups(rows, 2)
+    assert [valid for _, valid in groups] == [2, 1]
+    assert all(g.shape == (2, 2, 18) for g, _ in groups)
+    assert np.shares_memory(groups[0][0], rows)  # a view, not a copy
+    evaluate = training.compile_evaluate(mesh, loss)
+    grouped = training.evaluate(evaluate, params, groups)
+    assert evaluate._cache_size() == 1
+    np.testing.assert_allclose(grouped["loss"], whole["loss"], rtol=1e-6)
+    last = training.evaluate(evaluate, params, groups[1:])  # the filler batch left out
+    alone = training.evaluate(training.compile_evaluate(mesh, loss), params,
+                              training.eval_groups(rows[2:]))
+    np.testing.assert_allclose(last["loss"], alone["loss"], rtol=1e-6)
 
 
 # --- data parallelism: 8 host devices vs 1, float64 --------------------------------------------

@@ -15,10 +15,14 @@ saved with metrics, ranked by step. The caller decides what a best is (`metrics.
 --min-delta), so every step saved as one is better than the earlier ones; ranking them by step
 rather than by loss keeps the step the metadata names as the best even when the count started
 over (a run resumed once without --keep-best, whose older best may have had a lower loss).
+
+Orbax is imported, and its manager made, only once a step is there to read or one is saved: a
+new run reaches its first step without them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -27,8 +31,6 @@ import traceback
 import warnings
 from pathlib import Path
 from typing import Any
-
-import orbax.checkpoint as ocp
 
 from transformer_jax.errors import UserError
 
@@ -65,32 +67,48 @@ class RunCheckpoints:
                  read_only: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"  # orbax needs absolute paths
         self._last_saved: int | None = None  # the step whose background write may still fail
-        _quiet_orbax()
+        self._keep, self._keep_best, self._read_only = keep, keep_best, read_only
         if not read_only:
             check_own(run_dir)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create {self.dir} ({e.strerror}); fix the permissions "
+                                "or choose another --run-dir") from None
+
+    @functools.cached_property
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        _quiet_orbax()
         # Creating the step directory in save() itself makes an unwritable directory fail
         # there; created in the background, it left orbax's threads waiting minutes at exit.
         # best_fn makes orbax write each step's metrics, which BestN reads back after a restart.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_preservation(keep, keep_best),
-            best_fn=_saved_at if keep_best else None,  # orbax's best_mode "max": newest
-            create=not read_only, read_only=read_only, cleanup_tmp_directories=True,
+            preservation_policy=_preservation(self._keep, self._keep_best),
+            best_fn=_saved_at if self._keep_best else None,  # best_mode "max": newest
+            create=not self._read_only, read_only=self._read_only, cleanup_tmp_directories=True,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         for attempt in range(_LISTING_TRIES):
             try:
-                self._manager = ocp.CheckpointManager(self.dir, options=options,
-                                                      item_names=("state", "meta"))
-                break
+                return ocp.CheckpointManager(self.dir, options=options,
+                                             item_names=("state", "meta"))
             except FileNotFoundError:  # a trainer removed an old step while orbax listed them
                 if attempt == _LISTING_TRIES - 1:
                     raise
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[0] if steps else None
 
     def steps(self) -> list[int]:
         """Every complete step, newest first."""
+        if not self._opened() and not any(p.name.isdigit() for p in _entries(self.dir)):
+            return []  # nothing saved yet: no need for orbax
         return sorted(self._manager.all_steps(), reverse=True)
+
+    def _opened(self) -> bool:
+        return "_manager" in self.__dict__
 
     def set_aside(self, step: int) -> Path:
         """Move an unreadable step out of the way (kept for inspection, never loaded again)."""
@@ -104,6 +122,8 @@ class RunCheckpoints:
         kind of run needs besides (see `tasks`): "tokenizer" (a character model), "base" and
         "tokens" (GPT-2 transfer), "series" (a series model's standardisation), and "best"
         when the run follows its best validation loss (see `metrics.Best`)."""
+        import orbax.checkpoint as ocp
+
         meta = self._restore(step, "meta", ocp.args.JsonRestore(), lambda e: (
             f"checkpoint step {step} in {self.dir}: metadata unreadable ({type(e).__name__})"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -117,12 +137,16 @@ class RunCheckpoints:
         Call it after checking the step's metadata against the model: a failure then means
         missing or corrupt files.
         """
+        import orbax.checkpoint as ocp
+
         return self._restore(step, "state", ocp.args.StandardRestore(abstract_state), lambda e: (
             f"checkpoint step {step} in {self.dir}: state unreadable or does not match this "
             f"model ({type(e).__name__}: {_first_line(e)})"))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of `step` (what sampling needs), shaped like `abstract_params`."""
+        import orbax.checkpoint as ocp
+
         item = {"params": abstract_params}
         args = ocp.args.PyTreeRestore(
             item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -134,6 +158,8 @@ class RunCheckpoints:
     def _restore(self, step: int, item: str, args, describe) -> Any:
         """`item` of `step` restored with orbax's `args`; any failure an UnreadableCheckpoint
         whose message is `describe(exception)`."""
+        import orbax.checkpoint as ocp
+
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except Exception as e:  # orbax raises many types for a missing or corrupt file
@@ -148,6 +174,8 @@ class RunCheckpoints:
 
         Raises UserError if this step, or the previous one, cannot be written.
         """
+        import orbax.checkpoint as ocp
+
         self.wait()
         metrics = None if best_loss is None else {"step": step, "val_loss": best_loss}
         try:
@@ -161,6 +189,8 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Block until the last save is complete; UserError if it could not be written."""
+        if not self._opened():
+            return
         try:
             self._manager.wait_until_finished()
         except (OSError, ValueError) as e:
@@ -176,11 +206,22 @@ class RunCheckpoints:
                          "another --run-dir")
 
     def close(self) -> None:
-        self._manager.close()
+        if self._opened():
+            self._manager.close()
+
+
+def _entries(path: Path) -> list[Path]:
+    """What `path` holds (nothing if it is not a directory)."""
+    try:
+        return list(path.iterdir())
+    except OSError:
+        return []
 
 
 def _preservation(keep: int, keep_best: bool):
     """The last `keep` steps, and with `keep_best` the newest step saved with metrics."""
+    import orbax.checkpoint as ocp
+
     latest = ocp.checkpoint_managers.LatestN(keep)
     if not keep_best:
         return latest

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from transformer_jax import config as config_lib
+from transformer_jax import config as config_lib, timing
 from transformer_jax.errors import RunStopped, UserError
 
 
@@ -61,6 +61,12 @@ def _add_step(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=_step, help="its checkpoint of this step, or best (the "
                         "lowest validation loss, kept by train.py --keep-best); default: the "
                         "newest (train.py keeps the last --keep)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser, first: str) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="print on standard error where the seconds go: each phase of "
+                        f"start-up as it ends, up to {first}")
 
 
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +141,7 @@ def train_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=_positive_int, metavar="N",
                        help="number of processes in the run (one per host, usually)")
     multi.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N - 1")
+    _add_verbose(p, "the first compiled chunk of steps and the first evaluation")
     _add_field_flags(p)
     return p
 
@@ -168,6 +175,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
 def _train(argv: list[str] | None) -> None:
     args = train_parser().parse_args(argv)
     config = resolve_config(args)
+    if args.verbose:
+        timing.show()
     from transformer_jax import parallel  # JAX only after the flags are good
 
     parallel.use_cpu_devices(args.cpu_devices or parallel.default_cpu_devices(config))
@@ -177,6 +186,7 @@ def _train(argv: list[str] | None) -> None:
     from transformer_jax import corpus, run, tasks
     from transformer_jax.tokens import Corpus
 
+    timing.mark("imports: JAX, the model and the trainer")
     kind = tasks.kind_of(config)
     if kind.reader != "forecast" and str(args.data).endswith(".csv"):
         raise UserError(f"--data {args.data} is a CSV file: give --columns a,b,... (the series "
@@ -184,6 +194,7 @@ def _train(argv: list[str] | None) -> None:
     parallel.start_distributed(args.coordinator, args.num_processes, args.process_id)
     path = args.data or corpus.prepare_default_corpus()
     text = Corpus.scan(path)  # read in pieces: a corpus may be larger than memory
+    timing.mark(f"corpus scanned: {path}")
     if parallel.is_lead():
         print(f"corpus: {path} ({text.chars:,} characters); devices: {jax.devices()}")
     run.train(config, text, args.run_dir, fresh=args.fresh, resume_command=_resume_command(),
@@ -274,14 +285,18 @@ def sample_parser() -> argparse.ArgumentParser:
                    help="sample among the likeliest characters whose probability sums to p")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--num-samples", type=_positive_int, default=1, help="samples to print")
+    _add_verbose(p, "the first new token")
     return p
 
 
 def _sample(argv: list[str] | None) -> None:
     args = sample_parser().parse_args(argv)
+    if args.verbose:
+        timing.show()
     from transformer_jax import parallel, sampling
 
     parallel.use_compile_cache()
+    timing.mark("imports: JAX, the model and the sampler")
     try:  # a larger --top-k than the vocabulary means all of it (clamped below)
         sampling.check_arguments(max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k,
@@ -298,6 +313,7 @@ def _sample(argv: list[str] | None) -> None:
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 "
                             f"({e.__class__.__name__})") from None
     config, tokenizer, params = text_model(args.run_dir, args.step, args.model)
+    timing.mark("model loaded")
     sampler = sampling.text_sampler(config, tokenizer, params, rows=args.num_samples,
                                     top_k=min(args.top_k, tokenizer.vocab_size),
                                     ignore_end=args.ignore_eos)
@@ -353,11 +369,16 @@ def _print_samples(sampler, prompt: str, settings, stopped=lambda: False) -> Non
             shown += 1
 
     next_sample()
+    first = True
     while not job.done:
         if stopped():
             sampler.cancel(job)
             break
         for piece in sampler.step():
+            if first:
+                timing.mark("first new tokens: the decoder compiled (or loaded from the "
+                            "compilation cache) and run")
+                first = False
             if piece.index == shown:
                 show(piece.text)
             else:

@@ -239,28 +239,40 @@ def eval_rows(tokenizer, text: str, cfg: TrainConfig) -> np.ndarray:
     return window_rows(documents(tokenizer, text, cfg), tokenizer.pad_id, cfg)
 
 
-def window_rows(docs: list[np.ndarray], pad_id: int, cfg: TrainConfig) -> np.ndarray:
-    """Every target of the documents `docs` once, in rows of `windows` (N, seq_len + 1)."""
+def window_rows(docs: list[np.ndarray], pad_id: int, cfg: TrainConfig, row_multiple: int = 1
+                ) -> np.ndarray:
+    """Every target of the documents `docs` once, in rows of `windows` (N, seq_len + 1), with
+    all-pad rows up to a multiple of `row_multiple`; of one document, a view of one copy."""
     if sum(map(len, docs)) < cfg.tokens_per_sequence:
         raise UserError(f"the validation text ({sum(map(len, docs))} tokens) is shorter than "
                         f"one sequence ({cfg.tokens_per_sequence}); lower --seq-len or raise "
                         "--val-fraction")
-    return np.concatenate([windows(ids, cfg.seq_len, pad_id) for ids in docs])
+    if len(docs) == 1:
+        return windows(docs[0], cfg.seq_len, pad_id, row_multiple)
+    rows = np.concatenate([windows(ids, cfg.seq_len, pad_id) for ids in docs])
+    return pad_rows(rows, row_multiple, pad_id)
 
 
-def windows(ids: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
+def windows(ids: np.ndarray, seq_len: int, pad_id: int, row_multiple: int = 1) -> np.ndarray:
     """Non-overlapping rows of seq_len + 1 ids covering every target of `ids` once (a row's
-    last id is the next row's first), the last row padded: (ceil((len - 1) / seq_len), seq_len
-    + 1)."""
+    last id is the next row's first), the last row padded, and all-pad rows after it up to a
+    multiple of `row_multiple`: (ceil((len - 1) / seq_len) rounded up, seq_len + 1). A
+    read-only view of one padded copy of `ids`: a large split costs its size once."""
     n = -(-(len(ids) - 1) // seq_len)
+    n += -n % row_multiple
     padded = np.full(n * seq_len + 1, pad_id, dtype=ids.dtype)
     padded[:len(ids)] = ids
-    return padded[(np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)]
+    size = padded.itemsize
+    return np.lib.stride_tricks.as_strided(padded, (n, seq_len + 1), (seq_len * size, size),
+                                           writeable=False)
 
 
 def pad_rows(rows: np.ndarray, multiple: int, pad_id) -> np.ndarray:
-    """`rows` (N, ...) with all-pad rows appended up to a multiple of `multiple`."""
+    """`rows` (N, ...) with all-pad rows appended up to a multiple of `multiple` (`rows`
+    itself when N is one)."""
     extra = -len(rows) % multiple
+    if not extra:
+        return rows
     return np.concatenate([rows, np.full((extra, *rows.shape[1:]), pad_id, rows.dtype)])
 
 
@@ -290,7 +302,8 @@ def window_datasets(train_ids: np.ndarray, val_ids: np.ndarray, pad_id: int, cfg
     """`datasets` of a text already encoded, for random windows over it whole (no documents):
     its training and validation splits' ids (N,), each maybe a token file's map."""
     batches = window_batches(train_ids, cfg, row_multiple=n_dev * cfg.micro_batches)
-    return batches, eval_batches(window_rows([val_ids], pad_id, cfg), pad_id, cfg, n_dev)
+    rows = window_rows([val_ids], pad_id, cfg, eval_batch_size(cfg, n_dev))
+    return batches, eval_batches(rows, pad_id, cfg, n_dev)
 
 
 def eval_batches(rows: np.ndarray, pad_id: int, cfg: TrainConfig, n_dev: int) -> np.ndarray:

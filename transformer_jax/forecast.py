@@ -80,7 +80,8 @@ def _validation_loss(config: Config, params, z_NxF: np.ndarray, ends: np.ndarray
                            data.eval_batch_size(config.train, mesh.devices.size))
     loss = training.series_loss(SeriesTransformer(config.model), k, config.train.head,
                                 train=False)
-    return training.evaluate(training.compile_evaluate(mesh, loss), params, rows)["loss"]
+    return training.evaluate(training.compile_evaluate(mesh, loss), params,
+                             training.eval_groups(rows))["loss"]
 
 
 def validation_table(report: dict) -> str:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transformer_jax import data, parallel, tasks, tokens, training
+from transformer_jax import data, parallel, tasks, timing, tokens, training
 from transformer_jax.checkpoint import RunCheckpoints, UnreadableCheckpoint, check_own
 from transformer_jax.config import FIXED_ON_RESUME, Config
 from transformer_jax.errors import RunStopped, UserError
@@ -64,6 +64,7 @@ def train(config: Config, text: str | Corpus, run_dir: str | Path, *, fresh: boo
     mesh = parallel.data_mesh(devices)
     text = text if isinstance(text, Corpus) else Corpus.of_text(text)
     task = tasks.kind_of(config).build(config, text, mesh, say=_printer(quiet), quiet=quiet)
+    timing.mark("task built: tokenizer, training and validation rows, model")
     path = text.path or corpus
     about = {"corpus": {**text.record(), "path": str(Path(path).absolute())}} if path else {}
     return fit(task, run_dir, mesh, fresh=fresh, quiet=quiet, resume_command=resume_command,
@@ -129,7 +130,9 @@ def _fit(task: Task, run_dir: Path, mesh, fresh: bool, quiet: bool, resume_comma
     say(f"trained parameters: {count_params(state.params):,}  devices: {mesh.devices.size} x "
         f"{mesh.devices.flat[0].platform}  {task.kind.unit(task.config)}s/step: "
         f"{task.batches.tokens_per_step:,}")
-    loop = _Loop.compile(task, mesh, log)
+    timing.mark(f"state {'restored' if start else 'initialised'}")
+    loop = _Loop.compile(task, mesh, log, start)
+    timing.mark("data placed on the devices")
     say(loop.feed.describe())
     bar = tqdm(total=tcfg.total_steps(), initial=start, disable=quiet, unit="step",
                dynamic_ncols=True, file=sys.stdout)
@@ -255,26 +258,23 @@ class _Loop:
     evaluate_fn: Callable
     schedule: Callable
     feed: _Feed
-    val_all: Any
-    val_some: Any
+    val: _Validation
     frozen: Any
     log: MetricsLog
     started: float  # time.perf_counter() when the loop began
+    start: int  # the step it began at
 
     @classmethod
-    def compile(cls, task: Task, mesh, log: MetricsLog) -> _Loop:
+    def compile(cls, task: Task, mesh, log: MetricsLog, start: int) -> _Loop:
         tcfg, batches = task.config.train, task.batches
         tx = training.optimizer(tcfg)
-        val_all = parallel.place(task.val_rows, parallel.split_batches(mesh))
-        some = tcfg.eval_batches and not tcfg.tracks_best  # a best compares whole splits
-        val_some = jax.tree.map(lambda v: v[:tcfg.eval_batches], val_all) if some else val_all
         return cls(task, training.compile_train_chunk(mesh, task.train_loss, tx, batches.row_len,
                                                       tcfg.micro_batches),
                    training.compile_evaluate(mesh, task.eval_loss),
                    jax.jit(training.learning_rate(tcfg)),  # one compiled call, not ten eager ops
-                   _Feed(batches, mesh), val_all, val_some,
+                   _Feed(batches, mesh), _Validation(task.val_rows, tcfg, mesh),
                    parallel.place(task.frozen, parallel.replicated(mesh)), log,
-                   time.perf_counter())
+                   time.perf_counter(), start)
 
     def chunk(self, state, step: int, ckpt: RunCheckpoints, note, bar
               ) -> tuple[training.TrainState, dict, bool]:
@@ -286,7 +286,11 @@ class _Loop:
         state, out = self.train_chunk(state, *self.feed(step, n), self.frozen)
         self.feed.prefetch(step + n, _chunk_steps(tcfg, step + n))  # while the chunk runs
         losses = _finite_losses(out, step, tcfg.on_nan, ckpt, note)
+        first = step == self.start
         step += n
+        if first or step == self._first_evaluation():
+            how = "compiled (or loaded from the compilation cache) and run" if first else "run"
+            timing.mark(f"steps {step - n + 1}-{step} {how}")
         tok_s = n * batches.tokens_per_step / (time.perf_counter() - tick)
         bar.update(n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:,.0f}")
@@ -296,8 +300,15 @@ class _Loop:
         reached = False
         if _due(step, tcfg.eval_every, tcfg):
             reached = self.evaluate(state, step, record, note)
+            if step == self._first_evaluation():
+                timing.mark("first evaluation")
         self.log.write(record)
         return state, record, reached
+
+    def _first_evaluation(self) -> int:
+        """The step of this loop's first evaluation."""
+        every, total = self.task.config.train.eval_every, self.task.config.train.total_steps()
+        return min((self.start // every + 1) * every, total)
 
     def evaluate(self, state, step: int, record: dict, note) -> bool:
         """Add the validation loss (and bits per unit) to `record`, on the whole split at the
@@ -305,12 +316,12 @@ class _Loop:
         else on `eval_batches`."""
         tcfg, kind = self.task.config.train, self.task.kind
         target, last = tcfg.target_loss, step == tcfg.total_steps()
-        ev = training.evaluate(self.evaluate_fn, state.params,
-                               self.val_all if last else self.val_some, self.frozen)
+        ev = training.evaluate(self.evaluate_fn, state.params, self.val.groups(whole=last),
+                               self.frozen)
         reached = False
         if target is not None and ev["loss"] <= target and not last:
-            ev = training.evaluate(self.evaluate_fn, state.params, self.val_all,  # confirm
-                                   self.frozen)
+            ev = training.evaluate(self.evaluate_fn, state.params,  # confirm on the whole split
+                                   self.val.groups(whole=True), self.frozen)
             reached = ev["loss"] <= target
         record["val_loss"] = ev["loss"]
         bits = ""
@@ -327,6 +338,31 @@ def _chunk_steps(tcfg, step: int) -> int:
     evaluation, or checkpoint (0 at the end)."""
     return min(tcfg.steps_per_call, tcfg.total_steps() - step,
                tcfg.eval_every - step % tcfg.eval_every, tcfg.save_every - step % tcfg.save_every)
+
+
+class _Validation:
+    """The validation batches in groups of one shape (`training.eval_groups`): `eval_batches`
+    of them when evaluations during training take only those, else all of them, at most
+    `data.ON_DEVICE_BYTES // 8` bytes a group. Placed on the devices once, unless there are
+    more than `data.ON_DEVICE_BYTES` of them: then each group is placed as it is evaluated."""
+
+    def __init__(self, rows_NxBxS, tcfg, mesh):
+        n = len(jax.tree.leaves(rows_NxBxS)[0])
+        size = sum(a.nbytes for a in jax.tree.leaves(rows_NxBxS))
+        self.some = tcfg.eval_batches and not tcfg.tracks_best  # a best compares whole splits
+        group = min(tcfg.eval_batches if self.some else n, n,
+                    max(1, data.ON_DEVICE_BYTES // 8 * n // max(size, 1)))
+        self._place = lambda tree: parallel.place(tree, parallel.split_batches(mesh))
+        self.on_host = size > data.ON_DEVICE_BYTES
+        self._groups = [(g if self.on_host else self._place(g), valid)
+                        for g, valid in training.eval_groups(rows_NxBxS, group)]
+
+    def groups(self, whole: bool):
+        """The groups to evaluate: all of them if `whole`, else those of `eval_batches`."""
+        chosen = self._groups if whole or not self.some else self._groups[:1]
+        if not self.on_host:
+            return chosen
+        return ((self._place(g), valid) for g, valid in chosen)  # placed one by one as used
 
 
 class _Feed:

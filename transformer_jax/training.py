@@ -10,7 +10,7 @@ with a mesh of one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -256,21 +256,45 @@ def compile_train_chunk(mesh, loss_fn: LossFn, tx: optax.GradientTransformation,
 
 
 def compile_evaluate(mesh, loss_fn: LossFn):
-    """A jit-compiled (params, rows_NxBxS, frozen) -> (loss_sum, count) over N batches of rows
-    (a pytree of such arrays), for an evaluation-mode loss such as `lm_loss(model, pad_id,
-    train=False)`; `frozen` as for `compile_train_chunk`."""
-    def evaluate(params, rows_NxBxS, frozen):
+    """A jit-compiled (params, rows_GxBxS, valid, frozen) -> (loss_sum, count) over the first
+    `valid` of G batches of rows (a pytree of such arrays; the others fill a last group up to
+    the shape of the rest: see `eval_groups`), for an evaluation-mode loss such as
+    `lm_loss(model, pad_id, train=False)`; `frozen` as for `compile_train_chunk`."""
+    def evaluate(params, rows_GxBxS, valid, frozen):
         rng = jax.random.PRNGKey(0)  # unused: no dropout in evaluation mode
         loss = with_frozen(loss_fn, frozen)
-        sums, counts = jax.lax.map(lambda rows: loss(params, rows, rng), rows_NxBxS)
-        return jnp.sum(sums), jnp.sum(counts)
+        sums_G, counts_G = jax.lax.map(lambda rows: loss(params, rows, rng), rows_GxBxS)
+        kept_G = jnp.arange(sums_G.shape[0]) < valid
+        return jnp.sum(jnp.where(kept_G, sums_G, 0)), jnp.sum(jnp.where(kept_G, counts_G, 0))
 
     replicated = parallel.replicated(mesh)
-    return jax.jit(evaluate, in_shardings=(replicated, parallel.split_batches(mesh), replicated))
+    return jax.jit(evaluate, in_shardings=(replicated, parallel.split_batches(mesh), replicated,
+                                           replicated))
 
 
-def evaluate(evaluate_fn, params, rows_NxBxS, frozen=None) -> dict:
-    """The lecture's `totalavgloss` (summed token loss over token count) and bits per token."""
-    total, count = evaluate_fn(params, rows_NxBxS, frozen)
+def eval_groups(rows_NxBxS: Any, group: int | None = None) -> list[tuple[Any, int]]:
+    """Host batches `rows_NxBxS` (a pytree of (N, B, ...) arrays) as (rows_GxBxS, valid)
+    groups of `group` = G batches (default: all N in one): views of the batches, but the last
+    group, which is filled up by repeating its last batch, whose `valid` counts only its own.
+    One shape for every group: one compiled evaluation serves a part of the split and all."""
+    n = len(jax.tree.leaves(rows_NxBxS)[0])
+    group = group or n
+    groups = []
+    for lo in range(0, n, group):
+        if lo + group <= n:
+            take = lambda a, lo=lo: a[lo:lo + group]
+        else:
+            take = lambda a, lo=lo: a[np.minimum(np.arange(lo, lo + group), n - 1)]
+        groups.append((jax.tree.map(take, rows_NxBxS), min(group, n - lo)))
+    return groups
+
+
+def evaluate(evaluate_fn, params, groups: Iterable[tuple[Any, int]], frozen=None) -> dict:
+    """The lecture's `totalavgloss` (summed token loss over token count) and bits per token,
+    over `groups` of batches (see `eval_groups`)."""
+    total = count = 0.0
+    for rows, valid in groups:  # dispatched one after another; one wait at the end
+        t, c = evaluate_fn(params, rows, valid, frozen)
+        total, count = total + t, count + c
     loss = float(total) / max(float(count), 1.0)
     return {"loss": loss, "bpc": loss / np.log(2.0)}
