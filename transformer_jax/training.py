@@ -10,6 +10,7 @@ with a mesh of one.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -293,8 +294,10 @@ def evaluate(evaluate_fn, params, groups: Iterable[tuple[Any, int]], frozen=None
     """The lecture's `totalavgloss` (summed token loss over token count) and bits per token,
     over `groups` of batches (see `eval_groups`)."""
     total = count = 0.0
-    for rows, valid in groups:  # dispatched one after another; one wait at the end
-        t, c = evaluate_fn(params, rows, valid, frozen)
-        total, count = total + t, count + c
-    loss = float(total) / max(float(count), 1.0)
+    running = None  # the group in flight while the next one is placed and dispatched
+    for rows, valid in itertools.chain(groups, [(None, 0)]):
+        done, running = running, (evaluate_fn(params, rows, valid, frozen) if valid else None)
+        if done is not None:
+            total, count = total + float(done[0]), count + float(done[1])
+    loss = total / max(count, 1.0)
     return {"loss": loss, "bpc": loss / np.log(2.0)}
