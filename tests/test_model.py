@@ -21,6 +21,7 @@ from transformer_jax.model import (
     init_cache,
     init_params,
     layered,
+    param_shapes,
     put_cache_prefix,
     sinusoidal_positions,
 )
@@ -428,6 +429,20 @@ def test_layered_stacks_blocks_on_a_leading_axis_and_back():
     for a, b in zip(jax.tree.leaves(init_params(scanned, jax.random.PRNGKey(4))),
                     jax.tree.leaves(layered(init_params(cfg, jax.random.PRNGKey(4)), True))):
         np.testing.assert_array_equal(a, b)  # the same seed, the same model
+
+
+@pytest.mark.parametrize("changes,series_features", [
+    ({}, 0), ({"tie_embeddings": False}, 0), ({"scan_layers": True, "layers": 3}, 0),
+    ({"dtype": "float64"}, 0), ({"scan_layers": True}, 3), ({"dtype": "float64"}, 2)])
+def test_param_shapes_are_those_of_initialised_parameters(changes, series_features):
+    with jax.enable_x64(changes.get("dtype") == "float64"):
+        cfg = tiny_config(**changes)
+        want = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0),
+                                                  series_features=series_features))
+        got = param_shapes(cfg, series_features=series_features)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
 
 
 @pytest.mark.parametrize("norm,remat", [("pre", False), ("post", False), ("pre", True)])

@@ -15,6 +15,7 @@ those, which is right while every row it serves stays below position S.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.extend.backend
@@ -297,29 +298,42 @@ def series_inputs(rows_BxRxF: jax.Array, k: int) -> jax.Array:
     return jnp.concatenate([rows_BxRxF[:, :-1, :k], rows_BxRxF[:, 1:, k:]], axis=-1)
 
 
+def _unrolled(config: TransformerConfig, series_features: int) -> nn.Module:
+    """The model of `config` with its blocks unrolled (what initialisation builds): a
+    `Transformer`, or given `series_features` F, a `SeriesTransformer` over F inputs."""
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    return SeriesTransformer(unrolled) if series_features else Transformer(unrolled)
+
+
+def _finish_params(params: dict, config: TransformerConfig) -> dict:
+    """Initialised parameters in `config`'s layout (stacked blocks with `scan_layers`) and
+    precision (float64 for a float64 model)."""
+    params = layered(params, config.scan_layers)
+    if config.dtype == "float64":
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    return params
+
+
 def init_params(config: TransformerConfig, rng: jax.Array, *, series_features: int = 0) -> dict:
     """Freshly initialised parameters, compiled (linen's eager init is slow): float32, or
     float64 for a float64 model (everything in double precision, for reference checks).
 
     Of a `Transformer`, or given `series_features` F, of a `SeriesTransformer` over F inputs.
     The same `rng` gives the same numbers with and without `scan_layers` (only stacked)."""
-    unrolled = dataclasses.replace(config, scan_layers=False)
-    if series_features:
-        model = SeriesTransformer(unrolled)
-        example = jnp.zeros((1, 1, series_features), jnp.float32)
-    else:
-        model = Transformer(unrolled)
-        example = jnp.zeros((1, config.max_len), jnp.int32)
-    params = layered(jax.jit(model.init)(rng, example)["params"], config.scan_layers)
-    if config.dtype == "float64":
-        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    return params
+    example = (jnp.zeros((1, 1, series_features), jnp.float32) if series_features
+               else jnp.zeros((1, config.max_len), jnp.int32))
+    params = jax.jit(_unrolled(config, series_features).init)(rng, example)["params"]
+    return _finish_params(params, config)
 
 
 def param_shapes(config: TransformerConfig, *, series_features: int = 0) -> dict:
-    """The parameter tree as shapes and dtypes only (restore and load targets); no compute."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0),
-                                              series_features=series_features))
+    """The parameter tree as shapes and dtypes only (restore and load targets); no compute.
+    Read off the decoding variables (`_variable_shapes`), whose cache a sampler of the model
+    then needs too: one trace of the model serves both."""
+    model = _unrolled(config, series_features)
+    example = ((1, 1, series_features), jnp.float32) if series_features else ((1, 1), jnp.int32)
+    params = _variable_shapes(model, example[0], jnp.dtype(example[1]))["params"]
+    return jax.eval_shape(lambda p: _finish_params(p, config), params)
 
 
 def init_cache(config: TransformerConfig, batch_size: int) -> dict:
@@ -329,10 +343,18 @@ def init_cache(config: TransformerConfig, batch_size: int) -> dict:
 
 def empty_cache(model: nn.Module, example_Bx1: jax.Array) -> dict:
     """The empty decoding cache of any model over the trunk, for inputs shaped like
-    `example_Bx1` (one position of each of B sequences)."""
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), example_Bx1, decode=True)["cache"])
+    `example_Bx1` (one position of each of B sequences; a tracer will do)."""
+    shapes = _variable_shapes(model, example_Bx1.shape, jnp.dtype(example_Bx1.dtype))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.lru_cache(maxsize=32)
+def _variable_shapes(model: nn.Module, shape: tuple[int, ...], dtype) -> dict:
+    """The shapes and dtypes of the variables ("params", "cache") that decoding inputs of
+    `shape` make: a trace of the whole model's initialisation, done once per model and shape
+    (loading a model and sampling from it ask for them several times)."""
+    example = jax.ShapeDtypeStruct(shape, dtype)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, decode=True), example)
 
 
 def _position_axis(path, leaf) -> int | None:

@@ -116,7 +116,8 @@ class Rows:
     left_B: jax.Array
 
 
-def _row_cache(model: nn.Module, params, tokens_1xT: jax.Array, used):
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefill(params, tokens_1xT: jax.Array, used, *, model: nn.Module):
     """A fresh cache (one row) of the first `used` of `tokens_1xT` and the logits (V,) after
     them: a forward pass over all T (the positions past `used` are overwritten before any
     query reads them)."""
@@ -134,11 +135,6 @@ def _put_row(rows: Rows, slot, cache_1, logits_V, window_W) -> Rows:
     return rows.replace(cache=jax.tree.map(put, rows.cache, cache_1),
                         logits_BxV=rows.logits_BxV.at[slot].set(logits_V),
                         window_BxW=rows.window_BxW.at[slot].set(window_W))
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _prefill(params, tokens_1xT, used, *, model):
-    return _row_cache(model, params, tokens_1xT, used)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -174,6 +170,15 @@ def _draw(rows: Rows, top_k: int, draw: str):
     return token_B.astype(jnp.int32), split_Bx2x2[:, 0]
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _step(params, cache, ids_Bx1, *, model: nn.Module):
+    """One decoding step of every row: (logits (B, 1, V), {"cache": the new cache}). Jitted
+    on its own so that the chunk's two kinds of step (with and without a refill) trace the
+    model once between them."""
+    return model.apply({"params": params, "cache": cache}, ids_Bx1, decode=True,
+                       mutable=["cache"])
+
+
 @functools.partial(jax.jit, static_argnames=("model", "top_k", "end_id", "max_chunk", "draw",
                                              "span"),
                    donate_argnums=1, compiler_options=_DECODE_COMPILER_OPTIONS)
@@ -185,8 +190,6 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
     (B, W), whole = rows.window_BxW.shape, rows.cache
     rows = rows.replace(cache=cache_prefix(whole, span))
     half = max(W // 2, 1)
-    step = lambda cache, ids_Bx1: model.apply({"params": params, "cache": cache}, ids_Bx1,
-                                              decode=True, mutable=["cache"])
 
     def refill(carry):
         """Row `b`, the first full one, refilled from its last half-window (ending with the
@@ -195,7 +198,7 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
         b = jnp.argmax(full_B)
         window_W = jnp.concatenate([rows.window_BxW[b, W - half + 1:], token_B[b, None],
                                     jnp.zeros((W - half,), jnp.int32)])
-        cache_1, logits_V = _row_cache(model, params, window_W[None, :half], half)
+        cache_1, logits_V = _prefill(params, window_W[None, :half], half, model=model)
         return (_put_row(rows, b, cache_prefix(cache_1, span), logits_V, window_W),
                 full_B.at[b].set(False), token_B)
 
@@ -212,7 +215,7 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
         index_B = rows.cache["trunk"]["index"]
         # Every row takes the step (one batched call); what it does to a row that has ended
         # is never read, and a full row's result is replaced by its refill.
-        logits_Bx1xV, vars_ = step(rows.cache, token_B[:, None])
+        logits_Bx1xV, vars_ = _step(params, rows.cache, token_B[:, None], model=model)
         rows = rows.replace(
             cache=vars_["cache"], keys_Bx2=keys_Bx2, left_B=left_B,
             logits_BxV=logits_Bx1xV[:, 0],
@@ -248,9 +251,10 @@ def _context(prompt_ids: Sequence[int], width: int) -> np.ndarray:
 
 
 def _bucket(n: int, top: int) -> int:
-    """The prefill length for an n-token prompt: the next power of two (at least 8), at most
-    `top`, so that few lengths compile."""
-    return min(max(8, 1 << (n - 1).bit_length()), top)
+    """The prefill length for an n-token prompt in a window of `top`: the next power of two,
+    at least the half-window that a refill prefills (so that one traced and compiled prefill
+    serves both) and at most `top`."""
+    return min(max(top // 2, 1, 1 << (n - 1).bit_length()), top)
 
 
 class Decoder:
