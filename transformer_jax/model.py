@@ -330,10 +330,10 @@ def param_shapes(config: TransformerConfig, *, series_features: int = 0) -> dict
     """The parameter tree as shapes and dtypes only (restore and load targets); no compute.
     Read off the decoding variables (`_variable_shapes`), whose cache a sampler of the model
     then needs too: one trace of the model serves both."""
-    model = _unrolled(config, series_features)
-    example = ((1, 1, series_features), jnp.float32) if series_features else ((1, 1), jnp.int32)
-    params = _variable_shapes(model, example[0], jnp.dtype(example[1]))["params"]
-    return jax.eval_shape(lambda p: _finish_params(p, config), params)
+    shape = (1, 1, series_features) if series_features else (1, 1)
+    dtype = jnp.dtype(jnp.float32 if series_features else jnp.int32)
+    variables = _variable_shapes(_unrolled(config, series_features), shape, dtype)
+    return jax.eval_shape(lambda p: _finish_params(p, config), variables["params"])
 
 
 def init_cache(config: TransformerConfig, batch_size: int) -> dict:
