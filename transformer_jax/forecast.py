@@ -18,7 +18,7 @@ from flax import linen as nn
 from transformer_jax import data, parallel, series, training
 from transformer_jax.config import Config
 from transformer_jax.errors import UserError
-from transformer_jax.model import SeriesTransformer, empty_cache, series_inputs
+from transformer_jax.model import SeriesTransformer, empty_cache, half_window, series_inputs
 from transformer_jax.series import Scaler, Series
 from transformer_jax.tasks import Trained
 from transformer_jax.tasks.series import read, shape, validation_rows
@@ -113,7 +113,7 @@ def autoregress(model: nn.Module, params, buffer, length, rng, *, count: int, wi
       window: positions the cache holds; once full it is refilled from the last half-window
         (absolute positions cannot slide inside a cache), one prefill per half-window.
     """
-    half = max(window // 2, 1)
+    half = half_window(window)
     step = lambda cache, x: model.apply({"params": params, "cache": cache}, x, decode=True,
                                         mutable=["cache"])
 

@@ -364,6 +364,13 @@ def _position_axis(path, leaf) -> int | None:
     return leaf.ndim - 2 if name in ("key", "value") else leaf.ndim - 1 if name == "pad" else None
 
 
+def half_window(width: int) -> int:
+    """Positions a decoder keeps when its cache of `width` positions is full and refilled
+    (absolute positions cannot slide inside a cache), and of a prompt longer than the window:
+    the last half, at least one."""
+    return max(width // 2, 1)
+
+
 def cache_prefix(cache: dict, S: int) -> dict:
     """`cache` cut to its first S positions (the row indices kept): a decoding step over it
     reads S positions instead of max_len, and writes a row at position >= S nowhere useful

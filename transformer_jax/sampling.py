@@ -31,7 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from transformer_jax.model import Transformer, cache_prefix, empty_cache, put_cache_prefix
+from transformer_jax.model import (
+    Transformer,
+    cache_prefix,
+    empty_cache,
+    half_window,
+    put_cache_prefix,
+)
 
 FREE = -1  # in a chunk's tokens: no token (the row had finished, or was free)
 # XLA's CPU compiler hands dots and their neighbours to YNNPACK fusions (experimental) by
@@ -170,12 +176,6 @@ def _draw(rows: Rows, top_k: int, draw: str):
     return token_B.astype(jnp.int32), split_Bx2x2[:, 0]
 
 
-def _half(width: int) -> int:
-    """The half-window: what a row keeps of its context when the window of `width` is full,
-    and of a prompt longer than the window."""
-    return max(width // 2, 1)
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _step(params, cache, ids_Bx1, *, model: nn.Module):
     """One decoding step of every row: (logits (B, 1, V), {"cache": the new cache}). Jitted
@@ -195,7 +195,7 @@ def _chunk(params, rows: Rows, steps, *, model: nn.Module, top_k: int, end_id: i
     cache's first `span` positions, which must hold every live row to the chunk's end."""
     (B, W), whole = rows.window_BxW.shape, rows.cache
     rows = rows.replace(cache=cache_prefix(whole, span))
-    half = _half(W)
+    half = half_window(W)
 
     def refill(carry):
         """Row `b`, the first full one, refilled from its last half-window (ending with the
@@ -253,7 +253,7 @@ def _context(prompt_ids: Sequence[int], width: int) -> np.ndarray:
     prompt = np.asarray(prompt_ids, np.int32)
     if prompt.ndim != 1 or len(prompt) == 0:
         raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
-    return prompt[-_half(width):] if len(prompt) > width else prompt
+    return prompt[-half_window(width):] if len(prompt) > width else prompt
 
 
 def _bucket(n: int, top: int) -> int:
