@@ -69,7 +69,7 @@ def train_speed(config: TransformerConfig, seq_len: int, batch: int, steps: int
     pad_id = config.vocab_size  # outside the vocabulary: no random token is padding
     mesh = parallel.data_mesh()
     chunk = training.compile_train_chunk(
-        mesh, training.lm_loss(Transformer(config), pad_id), training.optimizer(train),
+        mesh, training.lm_loss(Transformer(config), pad_id), training.optimizer(train, mesh),
         seq_len + 1)
     # Laid out once as train.py lays them out, so that no call re-lays out its inputs.
     replicated = parallel.replicated(mesh)

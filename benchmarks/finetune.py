@@ -95,7 +95,7 @@ def main() -> None:
                  {"head": head, "lora": adapters}, base, tokens, T + 1),
         "full": (lm_loss, {**base, "head": head}, None, tokens, T + 1),
     }
-    tx = training.optimizer(tcfg)
+    tx = training.optimizer(tcfg, mesh)
     starts = parallel.place(np.arange(B, dtype=np.int32)[None] * T, parallel.split_batches(mesh))
     figures = {}
     for name, (loss, params, frozen, source, row_len) in kinds.items():

@@ -33,7 +33,7 @@ def measure(layers: int, scan: bool, args) -> tuple[float, float]:
     cfg, tcfg = config.model, config.train
     mesh = parallel.data_mesh(jax.devices()[:1])
     chunk = training.compile_train_chunk(mesh, training.lm_loss(Transformer(cfg), pad_id=64),
-                                         training.optimizer(tcfg), tcfg.seq_len + 1)
+                                         training.optimizer(tcfg, mesh), tcfg.seq_len + 1)
     state = training.init_state(init_params(cfg, jax.random.PRNGKey(0)), tcfg)
     source = jnp.asarray(np.random.default_rng(0).integers(0, 64, 100_000), jnp.int32)
     starts = jnp.asarray(np.random.default_rng(1).integers(

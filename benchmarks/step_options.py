@@ -30,15 +30,15 @@ def main() -> None:
 
     from transformer_jax import parallel, tasks, training
     from transformer_jax.config import preset
-    from transformer_jax.data import read_text
+    from transformer_jax.tokens import Corpus
 
-    text = read_text(args.data)
+    corpus = Corpus.scan(args.data)
     mesh = parallel.data_mesh()
-    task = tasks.char.build(preset(args.preset).replace(steps_per_call=args.steps), text, mesh,
+    task = tasks.char.build(preset(args.preset).replace(steps_per_call=args.steps), corpus, mesh,
                             say=lambda *a: None)
     tcfg, batches = task.config.train, task.batches
     replicated, split_batches = parallel.replicated(mesh), parallel.split_batches(mesh)
-    tx = training.optimizer(tcfg)
+    tx = training.optimizer(tcfg, mesh)
     loss = task.train_loss
     donated = training.compile_train_chunk(mesh, loss, tx, batches.row_len)
     kept = jax.jit(donated.__wrapped__,

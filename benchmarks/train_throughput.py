@@ -40,7 +40,7 @@ def measure(text: str, layers: int, heads: int, d_model: int, seq_len: int, batc
     mesh = parallel.data_mesh()
     batches = data.train_batches(tok, text, config.train, row_multiple=mesh.devices.size)
     model = Transformer(config.model)
-    tx = training.optimizer(config.train)
+    tx = training.optimizer(config.train, mesh)
     chunk = training.compile_train_chunk(mesh, training.lm_loss(model, tok.pad_id), tx,
                                          batches.row_len)
     # Inputs laid out as train.py lays them out (run.fit): arrays the chunk would otherwise

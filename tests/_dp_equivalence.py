@@ -60,7 +60,7 @@ def main() -> None:
     starts_KxB = batches.starts(0, STEPS)
     row_len = batches.row_len
 
-    def run_chunk(mesh):
+    def run_chunk(mesh, tx=tx, state0=state0):
         replicated = NamedSharding(mesh, P())
         state = jax.device_put(state0, replicated)
         source = jax.device_put(batches.source, replicated)
@@ -88,6 +88,18 @@ def main() -> None:
     hlo8, hlo1 = compiled8.as_text(), compiled1.as_text()
     out["all_reduce_8"] = "all-reduce" in hlo8
     out["all_reduce_1"] = "all-reduce" in hlo1
+
+    # Muon: its Newton-Schulz iterations split over the 8 devices (stacks of 2 and 4 matrices
+    # padded to 8) against the same on one device.
+    muon_cfg = TrainConfig(seq_len=16, batch_size=BATCH, lr=1e-2, seed=3, optimizer="muon")
+    muon0 = jax.tree.map(np.asarray, training.init_state(params, muon_cfg))
+    m8, _, muon_compiled8 = run_chunk(mesh8, training.optimizer(muon_cfg, mesh8), muon0)
+    m1, _, _ = run_chunk(mesh1, training.optimizer(muon_cfg, mesh1), muon0)
+    out["muon_param_change"] = max_diff(m1.params, muon0.params)
+    out["max_muon_param_diff_8_vs_1"] = max_diff(m8.params, m1.params)
+    out["max_muon_opt_diff_8_vs_1"] = max_diff(m8.opt_state, m1.opt_state)
+    out["muon_all_gather_8"] = "all-gather" in muon_compiled8.as_text()
+    out["all_gather_8"] = "all-gather" in hlo8
 
     # An explicitly sharded batch through jit(train_step): 8 shards of 2 rows each.
     rows_sharding = NamedSharding(mesh8, P("data", None))

@@ -232,10 +232,8 @@ def test_muon_matrices_are_the_trunks_kernels_only():
     cfg = TransformerConfig(vocab_size=11, d_model=16, layers=2, heads=2, d_ff=32, max_len=8,
                             tie_embeddings=False)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    specs = jax.tree_util.tree_flatten_with_path(
-        training.muon_matrices(params), is_leaf=lambda x: x is None or isinstance(
-            x, optax.contrib.MuonDimensionNumbers))[0]
-    muon = {"/".join(k.key for k in path) for path, spec in specs if spec is not None}
+    flags = jax.tree_util.tree_flatten_with_path(training.muon_matrices(params))[0]
+    muon = {"/".join(k.key for k in path) for path, flag in flags if flag}
     assert muon == {f"trunk/block_{i}/{name}/kernel" for i in range(2)
                     for name in ("attn/qkv", "attn/out", "mlp/up", "mlp/down")}
 
@@ -362,6 +360,15 @@ def test_dp_batch_is_split_into_8_shards_of_2_rows(dp_result):
 def test_dp_step_compiles_a_gradient_all_reduce(dp_result):
     assert dp_result["all_reduce_8"]
     assert not dp_result["all_reduce_1"]
+
+
+def test_dp_muon_split_over_8_devices_equals_1_device_in_float64(dp_result):
+    """Muon's Newton-Schulz iterations shared out over the devices (and gathered: an
+    all-gather the Adam chunk has none of) change nothing but the rounding."""
+    assert dp_result["muon_param_change"] > 1e-3
+    assert dp_result["max_muon_param_diff_8_vs_1"] < 1e-10
+    assert dp_result["max_muon_opt_diff_8_vs_1"] < 1e-10
+    assert dp_result["muon_all_gather_8"] and not dp_result["all_gather_8"]
 
 
 def test_dp_three_adam_steps_on_8_devices_equal_1_device_in_float64(dp_result):

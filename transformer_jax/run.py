@@ -267,7 +267,7 @@ class _Loop:
     @classmethod
     def compile(cls, task: Task, mesh, log: MetricsLog, start: int) -> _Loop:
         tcfg, batches = task.config.train, task.batches
-        tx = training.optimizer(tcfg)
+        tx = training.optimizer(tcfg, mesh)
         return cls(task, training.compile_train_chunk(mesh, task.train_loss, tx, batches.row_len,
                                                       tcfg.micro_batches),
                    training.compile_evaluate(mesh, task.eval_loss),
