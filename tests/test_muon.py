@@ -24,7 +24,7 @@ def _params(rng) -> dict:
                       "blocks": {"qkv": {"kernel": draw(3, 6, 10)}}}}
 
 
-def _optax_muon(cfg: TrainConfig) -> optax.GradientTransformation:
+def optax_muon(cfg: TrainConfig) -> optax.GradientTransformation:
     """What training.optimizer built before muon.py: optax's Muon, one matrix at a time."""
     schedule = training.learning_rate(cfg)
     dims = lambda params: jax.tree.map(
@@ -46,7 +46,7 @@ CFG = TrainConfig(optimizer="muon", lr=0.01, muon_lr=0.05, warmup_steps=2, decay
 def test_state_is_optaxs_leaf_for_leaf():
     """The same tree (so a checkpoint of either restores into the other) and the same values."""
     params = _params(np.random.default_rng(0))
-    ours, theirs = training.optimizer(CFG).init(params), _optax_muon(CFG).init(params)
+    ours, theirs = training.optimizer(CFG).init(params), optax_muon(CFG).init(params)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
     paths = lambda tree: [jax.tree_util.keystr(p) for p, _ in
                           jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -59,7 +59,7 @@ def test_state_is_optaxs_leaf_for_leaf():
 def test_updates_equal_optaxs_over_several_steps():
     rng = np.random.default_rng(1)
     params = _params(rng)
-    ours, theirs = training.optimizer(CFG), _optax_muon(CFG)
+    ours, theirs = training.optimizer(CFG), optax_muon(CFG)
     step = lambda tx: jax.jit(lambda g, s, p: tx.update(g, s, p))
     ours_step, theirs_step = step(ours), step(theirs)
     s_ours, s_theirs = ours.init(params), theirs.init(params)

@@ -3,8 +3,8 @@ as optax's `contrib.muon` composes them, with one change: the Newton-Schulz iter
 stacks of same-shaped matrices, split over the devices of the data mesh, instead of on one
 matrix at a time, each replicated on every device.
 
-Measured on a 2-core CPU with the `fast` preset's 8 matrices over 2 devices: 2.6-2.8 ms an
-update against optax's 4.1-4.3 (benchmarks/RESULTS.md). The optimizer state is optax's own,
+On a 2-core CPU with the `fast` preset's 8 matrices over 2 devices a step takes about a tenth
+less time (benchmarks/muon.py; benchmarks/RESULTS.md). The optimizer state is optax's own,
 leaf for leaf, so checkpoints written with either resume with the other, and the updates agree
 with optax's to float32 rounding (tests/test_muon.py).
 """
