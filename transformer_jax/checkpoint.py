@@ -125,7 +125,7 @@ class RunCheckpoints:
         when the run follows its best validation loss (see `metrics.Best`)."""
         import orbax.checkpoint as ocp
 
-        meta = self._restore(step, "meta", ocp.args.JsonRestore(), None, lambda e: (
+        meta = self._restore(step, "meta", ocp.args.JsonRestore(), lambda e: (
             f"checkpoint step {step} in {self.dir}: metadata unreadable ({type(e).__name__})"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"checkpoint step {step} in {self.dir} is not a transformer-jax "
@@ -138,42 +138,45 @@ class RunCheckpoints:
         Call it after checking the step's metadata against the model: a failure then means
         missing or corrupt files.
         """
-        import orbax.checkpoint as ocp
-
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)
-        return self._restore(step, "state", args, abstract_state, lambda e: (
+        return self._restore_state(step, abstract_state, False, lambda e: (
             f"checkpoint step {step} in {self.dir}: state unreadable or does not match this "
             f"model ({type(e).__name__}: {_first_line(e)})"))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of `step` (what sampling needs), shaped like `abstract_params`."""
-        import orbax.checkpoint as ocp
-
-        item = {"params": abstract_params}
-        args = ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)
-        return self._restore(step, "state", args, item, lambda e: (
+        return self._restore_state(step, {"params": abstract_params}, True, lambda e: (
             f"checkpoint step {step} in {self.dir} is unreadable or does not match its "
             f"config ({type(e).__name__}: {_first_line(e)})"))["params"]
 
-    def _restore(self, step: int, item: str, args, abstract, describe) -> Any:
-        """`item` of `step` restored with orbax's `args`, its arrays shaped as `abstract`'s
-        (None: unchecked); any failure an UnreadableCheckpoint whose message is
-        `describe(exception)`."""
+    def _restore_state(self, step: int, abstract: Any, partial: bool, describe) -> Any:
+        """The state of `step` (with `partial`, only the parts `abstract` names), shaped like
+        `abstract`: orbax reads what is stored whatever the target's shape, so the shapes
+        are checked here."""
         import jax
         import orbax.checkpoint as ocp
 
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
-            if abstract is not None:  # orbax reads what is stored, whatever the target's shape
-                for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                                             jax.tree.leaves(abstract)):
-                    if got.shape != want.shape:
-                        raise ValueError(f"{jax.tree_util.keystr(path)} is {got.shape} in the "
-                                         f"checkpoint, {want.shape} in the model")
+        args = ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=partial)
+
+        def check(restored):
+            for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                         jax.tree.leaves(abstract)):
+                if got.shape != want.shape:
+                    raise ValueError(f"{jax.tree_util.keystr(path)} is {got.shape} in the "
+                                     f"checkpoint, {want.shape} in the model")
             return restored
+
+        return self._restore(step, "state", args, describe, check)
+
+    def _restore(self, step: int, item: str, args, describe, check=lambda restored: restored
+                 ) -> Any:
+        """`item` of `step` restored with orbax's `args` and passed through `check`; any
+        failure an UnreadableCheckpoint whose message is `describe(exception)`."""
+        import orbax.checkpoint as ocp
+
+        try:
+            return check(self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item])
         except Exception as e:  # orbax raises many types for a missing or corrupt file
             _ignore_abandoned_coroutines()
             raise UnreadableCheckpoint(describe(e), step=step) from None

@@ -62,10 +62,11 @@ def orthogonalize(matrices: list[jax.Array], coeffs: jax.Array, steps: int, mesh
         groups.setdefault(tuple(sorted(x.shape[-2:])), []).append(i)
     split = mesh is not None and mesh.devices.size > 1
     out: list[Any] = [None] * len(matrices)
+    short_first = lambda x, tall: jnp.swapaxes(x, 1, 2) if tall else x  # its own inverse
     for index in groups.values():
         flat = [matrices[i].reshape(-1, *matrices[i].shape[-2:]) for i in index]
-        stack_NxMxK = jnp.concatenate([x if x.shape[1] <= x.shape[2] else jnp.swapaxes(x, 1, 2)
-                                       for x in flat])
+        tall = [x.shape[1] > x.shape[2] for x in flat]
+        stack_NxMxK = jnp.concatenate([short_first(x, t) for x, t in zip(flat, tall)])
         n = stack_NxMxK.shape[0]
         if split:
             stack_NxMxK = jax.lax.with_sharding_constraint(
@@ -75,11 +76,10 @@ def orthogonalize(matrices: list[jax.Array], coeffs: jax.Array, steps: int, mesh
         if split:
             done_NxMxK = jax.lax.with_sharding_constraint(done_NxMxK, NamedSharding(mesh, P()))
         start = 0
-        for i, x in zip(index, flat):
-            piece = done_NxMxK[start:start + x.shape[0]]
+        for i, x, t in zip(index, flat, tall):
+            out[i] = short_first(done_NxMxK[start:start + x.shape[0]], t).reshape(
+                matrices[i].shape)
             start += x.shape[0]
-            out[i] = (piece if x.shape[1] <= x.shape[2] else jnp.swapaxes(piece, 1, 2)
-                      ).reshape(matrices[i].shape)
     return out
 
 
