@@ -35,9 +35,14 @@ def main() -> None:
 
     from transformer_jax import parallel, tasks, training
     from transformer_jax.config import preset
+    from transformer_jax.errors import UserError
     from transformer_jax.tokens import Corpus
 
-    corpus, mesh = Corpus.scan(args.data), parallel.data_mesh()
+    try:
+        corpus = Corpus.scan(args.data)
+    except UserError as e:
+        p.error(str(e))  # one line and exit code 2
+    mesh = parallel.data_mesh()
     figures = {}
     for batch_size in args.batch_size:
         config = preset("fast").replace(steps_per_call=args.steps, batch_size=batch_size)

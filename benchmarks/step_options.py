@@ -30,9 +30,13 @@ def main() -> None:
 
     from transformer_jax import parallel, tasks, training
     from transformer_jax.config import preset
+    from transformer_jax.errors import UserError
     from transformer_jax.tokens import Corpus
 
-    corpus = Corpus.scan(args.data)
+    try:
+        corpus = Corpus.scan(args.data)
+    except UserError as e:
+        p.error(str(e))  # one line and exit code 2
     mesh = parallel.data_mesh()
     task = tasks.char.build(preset(args.preset).replace(steps_per_call=args.steps), corpus, mesh,
                             say=lambda *a: None)
